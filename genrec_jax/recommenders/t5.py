@@ -1,0 +1,202 @@
+"""T5-style encoder-decoder (the TIGER generative recommender), Flax NNX.
+
+T5 v1.0 layout as used by TIGER/DACT through HF `T5ForConditionalGeneration`: pre-LN blocks with
+RMS norm, no biases, ReLU feed-forward, bucketed relative position bias computed in the first layer
+of each stack and shared by the others, unscaled dot-product attention (the scale is folded into
+the initialisation), tied input/output embedding with the d_model^-0.5 rescale.
+
+Dropout takes an explicit PRNG key so that train steps are pure functions of (state, batch, key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Sizes of the T5 recommender (defaults: the DACT/TIGER preset)."""
+
+  vocab_size: int
+  d_model: int = 128
+  d_ff: int = 1024
+  num_heads: int = 6
+  d_kv: int = 64
+  num_encoder_layers: int = 4
+  num_decoder_layers: int = 4
+  dropout_rate: float = 0.1
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when key is None (evaluation) or rate == 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+  return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+  """T5 bucketing of (key - query) offsets: exact for small offsets, logarithmic beyond."""
+  buckets = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  large = max_exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) /
+                       np.log(max_distance / max_exact) * (num_buckets - max_exact)
+                       ).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(is_small, n, large)
+
+
+class RMSNorm(nnx.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias."""
+
+  def __init__(self, dim: int, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((dim,)))
+    self.eps = eps
+
+  def __call__(self, x):
+    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(variance + self.eps) * self.scale[...]
+
+
+def _dense(din: int, dout: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=False, rngs=rngs,
+                    kernel_init=nnx.initializers.normal(std))
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; mask [B, 1|H, Tq, Tk] bool and bias [1|B, H, Tq, Tk] additive."""
+
+  def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
+    inner = cfg.num_heads * cfg.d_kv
+    self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
+    self.q = _dense(cfg.d_model, inner, (cfg.d_model * cfg.d_kv) ** -0.5, rngs)
+    self.k = _dense(cfg.d_model, inner, cfg.d_model ** -0.5, rngs)
+    self.v = _dense(cfg.d_model, inner, cfg.d_model ** -0.5, rngs)
+    self.o = _dense(inner, cfg.d_model, inner ** -0.5, rngs)
+
+  def __call__(self, x, memory, mask, bias, dropout_rate, key):
+    b, tq, _ = x.shape
+    tk = memory.shape[1]
+    heads = lambda y, t: y.reshape(b, t, self.num_heads, self.d_kv)
+    q, k, v = heads(self.q(x), tq), heads(self.k(memory), tk), heads(self.v(memory), tk)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    if bias is not None:
+      logits = logits + bias
+    logits = jnp.where(mask, logits, -1e9)
+    weights = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, key)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, tq, -1)
+    return self.o(out)
+
+
+class FeedForward(nnx.Module):
+  """ReLU MLP d_model -> d_ff -> d_model."""
+
+  def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
+    self.wi = _dense(cfg.d_model, cfg.d_ff, cfg.d_model ** -0.5, rngs)
+    self.wo = _dense(cfg.d_ff, cfg.d_model, cfg.d_ff ** -0.5, rngs)
+
+  def __call__(self, x, dropout_rate, key):
+    return self.wo(dropout(jax.nn.relu(self.wi(x)), dropout_rate, key))
+
+
+class Block(nnx.Module):
+  """Pre-LN block: self-attention, optional cross-attention, feed-forward."""
+
+  def __init__(self, cfg: T5Config, cross: bool, rngs: nnx.Rngs):
+    self.rate = cfg.dropout_rate
+    self.self_norm = RMSNorm(cfg.d_model)
+    self.self_attn = Attention(cfg, rngs)
+    self.cross_norm = RMSNorm(cfg.d_model) if cross else None
+    self.cross_attn = Attention(cfg, rngs) if cross else None
+    self.ff_norm = RMSNorm(cfg.d_model)
+    self.ff = FeedForward(cfg, rngs)
+
+  def __call__(self, x, self_mask, self_bias, key, memory=None, memory_mask=None):
+    keys = _split(key, 6)
+    h = self.self_attn(self.self_norm(x), self.self_norm(x), self_mask, self_bias, self.rate,
+                       keys[0])
+    x = x + dropout(h, self.rate, keys[1])
+    if self.cross_attn is not None:
+      h = self.cross_attn(self.cross_norm(x), memory, memory_mask, None, self.rate, keys[2])
+      x = x + dropout(h, self.rate, keys[3])
+    h = self.ff(self.ff_norm(x), self.rate, keys[4])
+    return x + dropout(h, self.rate, keys[5])
+
+
+class Stack(nnx.Module):
+  """Encoder or decoder stack with a shared relative position bias."""
+
+  def __init__(self, cfg: T5Config, num_layers: int, decoder: bool, rngs: nnx.Rngs):
+    self.cfg, self.decoder = cfg, decoder
+    self.relative_bias = nnx.Embed(cfg.relative_buckets, cfg.num_heads, rngs=rngs,
+                                   embedding_init=nnx.initializers.normal(cfg.d_model ** -0.5))
+    self.blocks = nnx.List([Block(cfg, decoder, rngs) for _ in range(num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model)
+
+  def position_bias(self, tq: int, tk: int) -> jax.Array:
+    """[1, H, tq, tk] additive bias from bucketed key - query offsets."""
+    rel = jnp.arange(tk)[None, :] - jnp.arange(tq)[:, None]
+    buckets = relative_position_bucket(rel, not self.decoder, self.cfg.relative_buckets,
+                                       self.cfg.relative_max_distance)
+    return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
+
+  def __call__(self, x, self_mask, key, memory=None, memory_mask=None):
+    t = x.shape[1]
+    bias = self.position_bias(t, t)
+    keys = _split(key, len(self.blocks) + 2)
+    x = dropout(x, self.cfg.dropout_rate, keys[-2])
+    for block, k in zip(self.blocks, keys):
+      x = block(x, self_mask, bias, k, memory, memory_mask)
+    return dropout(self.final_norm(x), self.cfg.dropout_rate, keys[-1])
+
+
+class T5(nnx.Module):
+  """Encoder-decoder over identifier tokens (pad/start token 0)."""
+
+  def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                           embedding_init=nnx.initializers.normal(1.0))
+    self.encoder = Stack(cfg, cfg.num_encoder_layers, False, rngs)
+    self.decoder = Stack(cfg, cfg.num_decoder_layers, True, rngs)
+
+  def encode(self, tokens: jax.Array, key: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """tokens int32 [B, T] (0 = pad) -> (states [B, T, d_model], mask bool [B, T])."""
+    mask = tokens > 0
+    states = self.encoder(self.embed(tokens), mask[:, None, None, :], key)
+    return states, mask
+
+  def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_tokens: jax.Array,
+             key: jax.Array | None = None) -> jax.Array:
+    """Logits [B, S, vocab] for decoder inputs [B, S] (start token 0 first), causal."""
+    s = decoder_tokens.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), bool))[None, None]
+    h = self.decoder(self.embed(decoder_tokens), causal, key, encoded,
+                     encoder_mask[:, None, None, :])
+    return (h * self.cfg.d_model ** -0.5) @ self.embed.embedding[...].T
+
+  def __call__(self, tokens, decoder_tokens, key=None):
+    keys = _split(key, 2)
+    encoded, mask = self.encode(tokens, keys[0])
+    return self.decode(encoded, mask, decoder_tokens, keys[1])

@@ -1,0 +1,195 @@
+"""Residual vector quantization as a reusable Flax NNX layer.
+
+`ResidualQuantizer` maps vectors to L discrete codes (one per level, K codes per level) and
+back. It is the core of every tokenizer in the library (TIGER, LETTER, DACT, ETEGRec, UniGRec)
+and can be dropped into any Flax NNX model:
+
+    rq = ResidualQuantizer(num_levels=3, codebook_size=256, dim=32, rngs=nnx.Rngs(0))
+    out = rq(latents)            # latents: [B, 32]
+    out.quantized                # [B, 32] straight-through quantized latent
+    out.codes                    # [B, 3] int32
+    out.loss                     # codebook + beta * commitment loss (scalar)
+
+Math (METHODS.md section 1): v_1 = x; at level l the code is c_l = argmin_k ||v_l - e^l_k||^2,
+v_{l+1} = v_l - e^l_{c_l}; the quantized vector is q = sum_l e^l_{c_l}. With `temperature`
+set, a soft assignment p_l = softmax_k(-||v_l - e^l_k||^2 / T) is returned beside the hard one
+(the distributions that DACT's stability KL, ETEGRec's SIA and UniGRec's soft identifiers use);
+in `soft=True` mode the soft code p_l E_l replaces the hard codeword (UniGRec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass
+class QuantizerOutput:
+  """Result of a forward pass over B vectors of size d with L levels of K codes.
+
+  Attributes:
+    quantized: [B, d] quantized vector; gradients pass straight through to the input.
+    codes: [B, L] int32 hard codes (argmin distance).
+    residuals: [B, L, d] the residual v_l entering each level.
+    codewords: [B, L, d] the selected (or soft) codeword of each level.
+    log_probs: [B, L, K] log softmax(-distance / temperature) per level.
+    codebook_loss: scalar, sum over levels of mean ||sg(v_l) - e||^2.
+    commitment_loss: scalar, sum over levels of mean ||v_l - sg(e)||^2.
+    loss: scalar, codebook_loss + beta * commitment_loss.
+  """
+
+  quantized: jax.Array
+  codes: jax.Array
+  residuals: jax.Array
+  codewords: jax.Array
+  log_probs: jax.Array
+  codebook_loss: jax.Array
+  commitment_loss: jax.Array
+  loss: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    QuantizerOutput,
+    data_fields=[f.name for f in dataclasses.fields(QuantizerOutput)],
+    meta_fields=[])
+
+
+def squared_distances(v: jax.Array, codebook: jax.Array) -> jax.Array:
+  """||v_b - e_k||^2 for v: [B, d], codebook: [K, d] -> [B, K]."""
+  return (jnp.sum(v * v, -1, keepdims=True) - 2.0 * v @ codebook.T +
+          jnp.sum(codebook * codebook, -1)[None, :])
+
+
+class ResidualQuantizer(nnx.Module):
+  """L-level residual quantizer with K codewords of size `dim` per level.
+
+  Args:
+    num_levels: L, number of residual levels.
+    codebook_size: K, codewords per level.
+    dim: d, size of the vectors being quantized.
+    beta: weight of the commitment loss (0.25 in TIGER / DACT).
+    rngs: NNX rngs; the `params` stream initialises the codebooks (uniform, scale 1/K as in the
+      reference RQ-VAE code; k-means initialisation usually overwrites them).
+  """
+
+  def __init__(self, num_levels: int, codebook_size: int, dim: int, *, beta: float = 0.25,
+               rngs: nnx.Rngs):
+    if num_levels < 1 or codebook_size < 2 or dim < 1:
+      raise ValueError(f"ResidualQuantizer needs num_levels >= 1, codebook_size >= 2, dim >= 1; "
+                       f"got {num_levels}, {codebook_size}, {dim}")
+    self.num_levels = num_levels
+    self.codebook_size = codebook_size
+    self.dim = dim
+    self.beta = beta
+    scale = 1.0 / codebook_size
+    self.codebooks = nnx.Param(jax.random.uniform(
+        rngs.params(), (num_levels, codebook_size, dim), minval=-scale, maxval=scale))
+
+  def __call__(self, x: jax.Array, *, temperature: float = 1.0, soft: bool = False
+               ) -> QuantizerOutput:
+    """Quantizes x: [B, d]. `soft` uses p_l E_l instead of the hard codeword (UniGRec)."""
+    if x.ndim != 2 or x.shape[-1] != self.dim:
+      raise ValueError(f"ResidualQuantizer expects [batch, {self.dim}], got {x.shape}")
+    residual = x
+    codes, residuals, codewords, log_probs = [], [], [], []
+    codebook_loss = commitment_loss = 0.0
+    for level in range(self.num_levels):
+      codebook = self.codebooks[level]
+      dist = squared_distances(residual, codebook)
+      code = jnp.argmin(dist, axis=-1)
+      logp = jax.nn.log_softmax(-dist / temperature, axis=-1)
+      if soft:
+        chosen = jnp.exp(logp) @ codebook
+      else:
+        chosen = codebook[code]
+        codebook_loss += jnp.mean((jax.lax.stop_gradient(residual) - chosen) ** 2)
+        commitment_loss += jnp.mean((residual - jax.lax.stop_gradient(chosen)) ** 2)
+      codes.append(code)
+      residuals.append(residual)
+      codewords.append(chosen)
+      log_probs.append(logp)
+      residual = residual - chosen
+    summed = sum(codewords)
+    # Straight-through: forward value is the quantized vector, gradient is the identity.
+    quantized = summed if soft else x + jax.lax.stop_gradient(summed - x)
+    codebook_loss = jnp.asarray(codebook_loss)
+    commitment_loss = jnp.asarray(commitment_loss)
+    return QuantizerOutput(
+        quantized=quantized,
+        codes=jnp.stack(codes, axis=1).astype(jnp.int32),
+        residuals=jnp.stack(residuals, axis=1),
+        codewords=jnp.stack(codewords, axis=1),
+        log_probs=jnp.stack(log_probs, axis=1),
+        codebook_loss=codebook_loss,
+        commitment_loss=commitment_loss,
+        loss=codebook_loss + self.beta * commitment_loss)
+
+  def encode(self, x: jax.Array) -> jax.Array:
+    """Hard codes of x: [B, d] -> [B, L] int32."""
+    return self(x).codes
+
+  def decode(self, codes: jax.Array) -> jax.Array:
+    """Sum of the selected codewords: codes [B, L] -> [B, d]."""
+    levels = jnp.arange(self.num_levels)
+    return jnp.sum(self.codebooks[levels[None, :], codes], axis=1)
+
+  def init_kmeans(self, x: jax.Array, key: jax.Array, *, iterations: int = 50) -> None:
+    """Sets every level's codebook to k-means centroids of that level's residuals.
+
+    Level by level: cluster the current residuals of x [N, d] (N >= K) into K centroids, then
+    subtract each vector's nearest centroid and move to the next level.
+    """
+    if x.shape[0] < self.codebook_size:
+      raise ValueError(f"k-means initialisation needs at least K={self.codebook_size} vectors, "
+                       f"got {x.shape[0]}")
+    residual = jnp.asarray(x, jnp.float32)
+    books = []
+    for level in range(self.num_levels):
+      centroids = kmeans(residual, self.codebook_size, jax.random.fold_in(key, level),
+                         iterations=iterations)
+      books.append(centroids)
+      nearest = jnp.argmin(squared_distances(residual, centroids), axis=-1)
+      residual = residual - centroids[nearest]
+    self.codebooks[...] = jnp.stack(books)
+
+
+@jax.jit(static_argnames=("num_clusters", "iterations"))
+def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *, iterations: int = 50
+           ) -> jax.Array:
+  """Lloyd's k-means on x [N, d] -> centroids [num_clusters, d].
+
+  Initialised from distinct random points; a cluster that empties keeps its previous centroid.
+  """
+  init = x[jax.random.choice(key, x.shape[0], (num_clusters,), replace=False)]
+
+  def step(centroids, _):
+    assign = jnp.argmin(squared_distances(x, centroids), axis=-1)
+    one_hot = jax.nn.one_hot(assign, num_clusters, dtype=x.dtype)
+    counts = one_hot.sum(0)
+    sums = one_hot.T @ x
+    updated = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
+    return updated, None
+
+  centroids, _ = jax.lax.scan(step, init, None, length=iterations)
+  return centroids
+
+
+def code_usage(codes: np.ndarray, codebook_size: int) -> dict[str, list[float]]:
+  """Per-level diagnostics of codes [N, L]: fraction of codes used and perplexity.
+
+  Perplexity = exp(entropy of the empirical code distribution); K means uniform usage, 1 means
+  collapse onto a single code.
+  """
+  codes = np.asarray(codes)
+  usage, perplexity = [], []
+  for level in range(codes.shape[1]):
+    counts = np.bincount(codes[:, level], minlength=codebook_size).astype(np.float64)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    usage.append(float((counts > 0).mean()))
+    perplexity.append(float(np.exp(-(nz * np.log(nz)).sum())))
+  return {"usage": usage, "perplexity": perplexity}

@@ -1,0 +1,118 @@
+"""Epoch loop shared by every trained model: progress, evaluation, early stopping, resume.
+
+The loop owns no model code. It calls `train_step(params, opt_state, batch, key)` (a jitted pure
+function), evaluates with `evaluate(params) -> metrics` every `eval_every` epochs, keeps the best
+parameters by `select_metric` (model selection on validation: the returned parameters are the
+best ones, not the last), stops after `patience` evaluations without improvement, and saves a
+checkpoint (params, optimizer state, best params, loop state) after every epoch. Started again
+with the same checkpoint directory it resumes after the last saved epoch and, since batch order
+and dropout keys depend only on (seed, epoch, step), reaches the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+from absl import logging
+
+from genrec_jax.training.checkpoint import Checkpoints
+from genrec_jax.training.sharding import replicate
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Epoch budget and model-selection rule."""
+
+  epochs: int
+  eval_every: int = 1
+  patience: int = 10  # evaluations without improvement before stopping
+  select_metric: str = "ndcg@10"
+  seed: int = 0
+  max_train_seconds: float | None = None  # stop (gracefully) once the budget is spent
+
+
+def fit(*, name: str, params, opt_state, train_step: Callable,
+        epoch_batches: Callable[[int], Iterable[tuple[dict, int]]],
+        evaluate: Callable[[Any], dict[str, float]], cfg: LoopConfig, checkpoint_dir: str,
+        mesh, interrupt_after_epoch: int | None = None) -> tuple[Any, dict]:
+  """Trains and selects the best parameters on validation.
+
+  Args:
+    name: stage name for logs.
+    params, opt_state: initial (replicated) state.
+    train_step: (params, opt_state, batch, key) -> (params, opt_state, loss).
+    epoch_batches: epoch -> iterable of (sharded batch, number of real samples).
+    evaluate: params -> validation metrics containing `cfg.select_metric`.
+    cfg: loop settings.
+    checkpoint_dir: where this stage's Orbax checkpoints live.
+    mesh: device mesh (restored state is re-replicated on it).
+    interrupt_after_epoch: testing hook simulating a crash after that epoch's checkpoint.
+
+  Returns:
+    (best params, history dict with per-epoch loss/metrics, best epoch and metric, seconds).
+  """
+  ckpt = Checkpoints(checkpoint_dir, ("params", "opt_state", "best_params"))
+  state = {"epoch": -1, "best_metric": -np.inf, "best_epoch": -1, "bad_evals": 0,
+           "done": False, "history": [], "train_seconds": 0.0}
+  best_params = params
+  if ckpt.latest_step() is not None:
+    items, state = ckpt.restore(ckpt.latest_step(), {
+        "params": params, "opt_state": opt_state, "best_params": params})
+    params, opt_state, best_params = (replicate(items[k], mesh)
+                                      for k in ("params", "opt_state", "best_params"))
+    logging.info("[%s] resumed from %s after epoch %d", name, checkpoint_dir, state["epoch"])
+  base_key = jax.random.key(cfg.seed)
+  start = time.time()
+  for epoch in range(state["epoch"] + 1, cfg.epochs):
+    if state["done"]:
+      break
+    t0, losses, samples = time.time(), [], 0
+    epoch_key = jax.random.fold_in(base_key, epoch)
+    for step, (batch, real) in enumerate(epoch_batches(epoch)):
+      params, opt_state, loss = train_step(params, opt_state, batch,
+                                           jax.random.fold_in(epoch_key, step))
+      losses.append(loss)
+      samples += real
+    loss = float(np.mean(jax.device_get(losses)))
+    seconds = time.time() - t0
+    state["train_seconds"] += seconds
+    record = {"epoch": epoch, "loss": loss, "samples_per_s": samples / max(seconds, 1e-9)}
+    if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
+      metrics = evaluate(params)
+      record["valid"] = metrics
+      if metrics[cfg.select_metric] > state["best_metric"]:
+        state.update(best_metric=metrics[cfg.select_metric], best_epoch=epoch, bad_evals=0)
+        best_params = params
+      else:
+        state["bad_evals"] += 1
+        state["done"] = state["bad_evals"] >= cfg.patience
+    over_budget = (cfg.max_train_seconds is not None and
+                   state["train_seconds"] >= cfg.max_train_seconds)
+    state["done"] = state["done"] or over_budget
+    state["history"].append(record)
+    state["epoch"] = epoch
+    remaining = (cfg.epochs - epoch - 1) * seconds
+    logging.info("[%s] epoch %d/%d loss %.4f  %.0f samples/s  %.1fs  %s  ETA <= %.0fs",
+                 name, epoch + 1, cfg.epochs, loss, record["samples_per_s"], seconds,
+                 _fmt(record.get("valid")), remaining)
+    ckpt.save(epoch, {"params": params, "opt_state": opt_state, "best_params": best_params},
+              state)
+    if interrupt_after_epoch is not None and epoch == interrupt_after_epoch:
+      ckpt.close()
+      raise KeyboardInterrupt(f"simulated interruption after epoch {epoch}")
+  if state["best_epoch"] < 0:  # never evaluated (epochs == 0): keep the last parameters
+    best_params = params
+  ckpt.close()
+  logging.info("[%s] best %s %.4f at epoch %d (%.1fs)", name, cfg.select_metric,
+               state["best_metric"], state["best_epoch"] + 1, time.time() - start)
+  return best_params, state
+
+
+def _fmt(metrics: dict | None) -> str:
+  if not metrics:
+    return ""
+  return "valid " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("@10"))

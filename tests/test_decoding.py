@@ -1,0 +1,116 @@
+"""Beam search against brute-force scoring of every identifier in the catalog."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from genrec_jax.decoding.beam_search import beam_search
+from genrec_jax.decoding.trie import build_trie
+from genrec_jax.recommenders.t5 import T5, T5Config
+from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, one_to_one_table
+
+
+def _table(num_items=40, k=4, levels=2, seed=0):
+  codes = np.random.default_rng(seed).integers(0, k, (num_items, levels))
+  return one_to_one_table(assign_dedup(codes, dedup_size=num_items), k, num_items)
+
+
+def _model(table, seed=0):
+  cfg = T5Config(vocab_size=table.vocab_size, d_model=16, d_ff=32, num_heads=2, d_kv=8,
+                 num_encoder_layers=1, num_decoder_layers=2, dropout_rate=0.0)
+  return T5(cfg, rngs=nnx.Rngs(seed))
+
+
+def _brute_force_scores(model, inputs, table):
+  """log P(identifier | input) for every identifier by teacher forcing: [B, M]."""
+  targets = jnp.asarray(table.tokens())
+  b, m = inputs.shape[0], targets.shape[0]
+  enc, mask = model.encode(inputs)
+  enc = jnp.repeat(enc, m, axis=0)
+  mask = jnp.repeat(mask, m, axis=0)
+  tgt = jnp.tile(targets, (b, 1))
+  logits = model.decode(enc, mask, jnp.pad(tgt[:, :-1], ((0, 0), (1, 0))))
+  logp = jax.nn.log_softmax(logits, -1)
+  return jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0].sum(-1).reshape(b, m)
+
+
+def _search(model, inputs, table, beam, constrained=True):
+  enc, mask = model.encode(inputs)
+  enc = jnp.repeat(enc, beam, axis=0)
+  mask = jnp.repeat(mask, beam, axis=0)
+  fn = lambda prefix: jax.nn.log_softmax(model.decode(enc, mask, prefix)[:, -1], -1)
+  trie = jax.tree.map(jnp.asarray, build_trie(table))
+  return jax.jit(lambda: beam_search(fn, inputs.shape[0], trie, tuple(table.offsets.tolist()),
+                                     table.level_sizes, beam, constrained=constrained))()
+
+
+def test_beam_as_large_as_catalog_equals_exhaustive_scoring():
+  table = _table()
+  model = _model(table)
+  inputs = jnp.asarray(np.random.default_rng(1).integers(1, table.vocab_size, (3, 9)))
+  inputs = inputs.at[:, :3].set(0)  # left padding
+  beam = table.codes.shape[0]
+  items, tokens, scores = _search(model, inputs, table, beam)
+  brute = np.asarray(_brute_force_scores(model, inputs, table))
+  for b in range(3):
+    order = np.argsort(-brute[b], kind="stable")
+    np.testing.assert_allclose(np.asarray(scores[b]), brute[b][order], rtol=1e-4, atol=1e-4)
+    assert sorted(np.asarray(items[b]).tolist()) == list(range(beam))
+    np.testing.assert_allclose(brute[b][np.asarray(items[b])], np.asarray(scores[b]),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(tokens[b]), table.tokens()[np.asarray(items[b])])
+
+
+def test_small_beam_returns_only_valid_items_in_score_order():
+  table = _table(num_items=60, k=8, levels=2, seed=3)
+  model = _model(table, seed=2)
+  inputs = jnp.asarray(np.random.default_rng(2).integers(1, table.vocab_size, (4, 6)))
+  items, tokens, scores = _search(model, inputs, table, beam=5)
+  items, scores = np.asarray(items), np.asarray(scores)
+  assert (items >= 0).all() and (items < 60).all()
+  assert (np.diff(scores, axis=1) <= 1e-6).all()
+  brute = np.asarray(_brute_force_scores(model, inputs, table))
+  np.testing.assert_allclose(np.take_along_axis(brute, items, 1), scores, rtol=1e-4, atol=1e-4)
+  for b in range(4):
+    assert len(set(items[b].tolist())) == 5
+
+
+def test_unconstrained_mode_can_leave_the_catalog_and_marks_misses():
+  # A catalog with a single identifier: unconstrained beams mostly spell nothing valid.
+  table = one_to_one_table(np.array([[1, 2, 0]]), 4, 2)
+  model = _model(table)
+  inputs = jnp.ones((2, 4), jnp.int32)
+  items, tokens, scores = _search(model, inputs, table, beam=6, constrained=False)
+  items = np.asarray(items)
+  assert (items == -1).sum() >= 2 * 5
+  assert set(items[items >= 0].tolist()) <= {0}
+  items_c, _, scores_c = _search(model, inputs, table, beam=6, constrained=True)
+  assert (np.asarray(items_c)[:, 0] == 0).all() and (np.asarray(items_c)[:, 1:] == -1).all()
+
+
+def test_trie_accepts_exactly_the_table():
+  table = _table(num_items=30, k=3, levels=3, seed=5)
+  trie = build_trie(table)
+  valid = {tuple(r) for r in table.codes.tolist()}
+  for ident in itertools.product(*(range(s) for s in table.level_sizes)):
+    node = 0
+    for s in ident:
+      node = trie.children[node, s] if node >= 0 else -1
+    if tuple(ident) in valid:
+      assert trie.leaf_item[node] == table.item[table.codes.tolist().index(list(ident))]
+    else:
+      assert node < 0 or trie.leaf_item[node] < 0
+
+
+def test_one_to_many_table_maps_identifiers_to_items():
+  codes = np.array([[0, 1, 0], [1, 1, 0], [0, 2, 0]])
+  table = IdentifierTable(codes, np.array([7, 7, 3], np.int32), (3, 3, 1))
+  trie = build_trie(table)
+  node = 0
+  for s in (1, 1, 0):
+    node = trie.children[node, s]
+  assert trie.leaf_item[node] == 7
