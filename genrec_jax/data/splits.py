@@ -92,3 +92,28 @@ def leave_one_out(inter: Interactions, max_history: int) -> StaticSplit:
         test=_samples(inter, end - 1, start, max_history),
         num_items=inter.num_items,
     )
+
+
+def training_windows(inter: Interactions, max_len: int, holdout: int = 2) -> SampleSet:
+    """Per-user next-item training windows for sequence models such as SASRec.
+
+    For each user, the training part is the sequence without its last `holdout` items (the
+    validation and test targets); its last max_len + 1 items form one window. Users whose
+    training part has < 2 items are skipped.
+
+    Returns a SampleSet whose `history` int32 [U', max_len] holds the inputs (left-padded
+    with PAD) and whose `target` int32 [U', max_len] holds the next item at every input
+    position (PAD where the input is padding): history[:, j] predicts target[:, j].
+    """
+    counts = np.bincount(inter.user, minlength=inter.num_users)
+    end = np.cumsum(counts)
+    start = end - counts
+    last = end - 1 - holdout  # last training row of each user
+    keep = last - start >= 1
+    idx = last[keep, None] - max_len + np.arange(max_len + 1)[None, :]
+    valid = idx >= start[keep][:, None]
+    seq = np.where(valid, inter.item[np.maximum(idx, 0)], PAD).astype(np.int32)
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    targets = np.where(inputs != PAD, targets, PAD).astype(np.int32)
+    return SampleSet(history=inputs, target=targets,
+                     user=np.flatnonzero(keep).astype(np.int32))

@@ -41,7 +41,8 @@ class Checkpoints:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False),
-        item_names=self.item_names + ("meta",))
+        item_handlers={**{name: ocp.StandardCheckpointHandler() for name in self.item_names},
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

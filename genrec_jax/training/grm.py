@@ -29,6 +29,7 @@ from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable
 from genrec_jax.training import loop
+from genrec_jax.training.optim import make_optimizer
 from genrec_jax.training.sharding import (check_batch_size, replicate, shard_batch)
 
 
@@ -46,16 +47,6 @@ class GRMTrainConfig:
   constrained: bool = True
   length_buckets: tuple[int, ...] = (4, 8, 13, 20)
   loop: loop.LoopConfig = loop.LoopConfig(epochs=200, patience=15)
-
-
-def make_optimizer(learning_rate: float, weight_decay: float, warmup_steps: int,
-                   grad_clip: float) -> optax.GradientTransformation:
-  """AdamW with linear warm-up to a constant rate and global-norm clipping."""
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-       optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
-  return optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(schedule, weight_decay=weight_decay))
 
 
 def history_tokens(history: np.ndarray, item_tokens: np.ndarray) -> np.ndarray:
@@ -131,8 +122,7 @@ class GRMTrainer:
     return items, scores
 
   def train(self, table: IdentifierTable, num_items: int, train: SampleSet, valid: SampleSet,
-            checkpoint_dir: str, params=None, loop_cfg: loop.LoopConfig | None = None,
-            interrupt_after_epoch: int | None = None):
+            checkpoint_dir: str, params=None, loop_cfg: loop.LoopConfig | None = None):
     """Trains from `params` (default: fresh init) and returns (best params, loop state)."""
     if len(train) == 0:
       raise ValueError("the recommender's training set is empty")
@@ -149,8 +139,7 @@ class GRMTrainer:
     return loop.fit(name="grm", params=params, opt_state=opt_state, train_step=self._train_step,
                     epoch_batches=epoch_batches,
                     evaluate=lambda p: self.evaluate(p, table, num_items, valid),
-                    cfg=loop_cfg, checkpoint_dir=checkpoint_dir, mesh=self.mesh,
-                    interrupt_after_epoch=interrupt_after_epoch)
+                    cfg=loop_cfg, checkpoint_dir=checkpoint_dir, mesh=self.mesh)
 
   def rank(self, params, table: IdentifierTable, num_items: int, samples: SampleSet,
            beam_size: int | None = None) -> np.ndarray:

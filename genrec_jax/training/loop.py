@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -58,7 +59,8 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
   ckpt = Checkpoints(checkpoint_dir, ("params", "opt_state", "best_params"))
   state = {"epoch": -1, "best_metric": -np.inf, "best_epoch": -1, "bad_evals": 0,
            "done": False, "history": [], "train_seconds": 0.0}
-  best_params = params
+  params = jax.tree.map(jnp.copy, params)  # train steps donate their inputs: keep the caller's
+  best_params = None  # until the first evaluation
   if ckpt.latest_step() is not None:
     items, state = ckpt.restore(ckpt.latest_step(), {
         "params": params, "opt_state": opt_state, "best_params": params})
@@ -86,7 +88,7 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
       record["valid"] = metrics
       if metrics[cfg.select_metric] > state["best_metric"]:
         state.update(best_metric=metrics[cfg.select_metric], best_epoch=epoch, bad_evals=0)
-        best_params = params
+        best_params = jax.tree.map(jnp.copy, params)  # params are donated by the next step
       else:
         state["bad_evals"] += 1
         state["done"] = state["bad_evals"] >= cfg.patience
@@ -99,12 +101,12 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
     logging.info("[%s] epoch %d/%d loss %.4f  %.0f samples/s  %.1fs  %s  ETA <= %.0fs",
                  name, epoch + 1, cfg.epochs, loss, record["samples_per_s"], seconds,
                  _fmt(record.get("valid")), remaining)
-    ckpt.save(epoch, {"params": params, "opt_state": opt_state, "best_params": best_params},
-              state)
+    ckpt.save(epoch, {"params": params, "opt_state": opt_state,
+                      "best_params": params if best_params is None else best_params}, state)
     if interrupt_after_epoch is not None and epoch == interrupt_after_epoch:
       ckpt.close()
       raise KeyboardInterrupt(f"simulated interruption after epoch {epoch}")
-  if state["best_epoch"] < 0:  # never evaluated (epochs == 0): keep the last parameters
+  if best_params is None:  # never evaluated: keep the last parameters
     best_params = params
   ckpt.close()
   logging.info("[%s] best %s %.4f at epoch %d (%.1fs)", name, cfg.select_metric,

@@ -15,8 +15,13 @@ DATA_AXIS = "data"
 
 
 def make_mesh() -> jax.sharding.Mesh:
-  """1-D mesh over every device of every process, axis `data`."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  """1-D mesh over every device of every process, axis `data`.
+
+  The axis is `Auto`: XLA propagates the batch sharding through the model, so model code stays
+  free of sharding annotations.
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

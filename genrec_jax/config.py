@@ -1,0 +1,127 @@
+"""The configuration schema shared by every config file in `configs/`.
+
+`base_config()` lists every field with its meaning; config files start from it and change what
+their method and dataset need. Presets are selected as `--config=configs/tiger_toys.py:cpu`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                           "shared", "data", "amazon2014")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a run, with the TIGER/DACT paper settings as defaults."""
+  c = ml_collections.ConfigDict()
+  c.method = "tiger"  # "tiger" | "letter" | "sasrec": which pipeline to run.
+  c.seed = 0  # Seeds every random choice (init, batch order, dropout): same seed, same numbers.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "toys"  # Dataset name reported in results.json.
+  c.data.path = os.path.join(SHARED_DATA, "toys", "interactions.csv")  # Raw interactions file.
+  c.data.format = "auto"  # "auto" | "csv" | "mcauley_json" | "ratings_csv".
+  c.data.items_csv = os.path.join(SHARED_DATA, "toys", "items.csv")  # Item text (title, cats).
+  c.data.min_count = 5  # k of the k-core filter on users and items.
+  c.data.max_history = 20  # Most recent items kept in a history (20 in TIGER/LETTER/DACT).
+  c.data.use_tfds = False  # Prepare an array_record TFDS dataset and read through it.
+  c.data.tfds_dir = ""  # Where TFDS datasets are prepared ("" = WORKDIR/tfds); may be gs://.
+
+  c.embeddings = ml_collections.ConfigDict()
+  c.embeddings.source = "minilm"  # "minilm" (own Flax port, title + categories) | "file" | "cf".
+  c.embeddings.file = ""  # .npy / .parquet item vectors, one row per item (sorted raw ids).
+  c.embeddings.cache_dir = os.path.expanduser("~/.cache/genrec_jax")  # MiniLM vector cache.
+
+  c.sasrec = ml_collections.ConfigDict()
+  c.sasrec.hidden_dim = 32  # CF embedding size (32 for LETTER/DACT, 256 for ETEGRec).
+  c.sasrec.num_layers = 2  # Self-attention blocks.
+  c.sasrec.num_heads = 1  # Attention heads.
+  c.sasrec.max_len = 50  # Longest input window.
+  c.sasrec.dropout_rate = 0.2  # Dropout on embeddings and blocks.
+  c.sasrec.loss = "ce"  # "ce" full-softmax (strong) | "bce" one sampled negative (original).
+  c.sasrec.learning_rate = 1e-3  # AdamW learning rate.
+  c.sasrec.batch_size = 128  # Users per batch.
+  c.sasrec.epochs = 200  # Epoch budget.
+  c.sasrec.eval_every = 2  # Epochs between validation evaluations.
+  c.sasrec.patience = 5  # Evaluations without improvement before early stopping.
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.hidden_dims = (512, 256, 128, 64)  # Encoder MLP hidden sizes (decoder mirrors).
+  c.tokenizer.latent_dim = 32  # Size of the quantized latent.
+  c.tokenizer.num_levels = 3  # L residual levels.
+  c.tokenizer.codebook_size = 256  # K codes per level.
+  c.tokenizer.dedup_size = 256  # Symbols of the dedup digit (largest group of shared codes).
+  c.tokenizer.beta = 0.25  # Commitment loss weight.
+  c.tokenizer.recon_reduction = "sum"  # Reconstruction error "sum" or "mean" over dimensions.
+  c.tokenizer.cf_weight = 0.0  # LETTER collaborative InfoNCE weight (alpha; 0 = TIGER).
+  c.tokenizer.cf_temperature = 1.0  # InfoNCE temperature.
+  c.tokenizer.cf_similarity = "cosine"  # "cosine" (DACT code) | "dot" (LETTER code).
+  c.tokenizer.diversity_weight = 0.0  # LETTER code diversity weight (1e-4 in LETTER).
+  c.tokenizer.diversity_groups = 10  # Codeword groups per level for the diversity loss.
+  c.tokenizer.steps = 20000  # Optimisation steps over random item batches.
+  c.tokenizer.batch_size = 1024  # Items per batch.
+  c.tokenizer.learning_rate = 1e-3  # AdamW learning rate.
+  c.tokenizer.weight_decay = 1e-4  # AdamW weight decay.
+  c.tokenizer.kmeans_iterations = 50  # Lloyd iterations of the per-level k-means init.
+
+  c.grm = ml_collections.ConfigDict()
+  c.grm.d_model = 128  # T5 model width.
+  c.grm.d_ff = 1024  # Feed-forward width.
+  c.grm.num_heads = 6  # Attention heads.
+  c.grm.d_kv = 64  # Size of each head.
+  c.grm.num_encoder_layers = 4  # Encoder blocks.
+  c.grm.num_decoder_layers = 4  # Decoder blocks.
+  c.grm.dropout_rate = 0.1  # Dropout everywhere.
+  c.grm.learning_rate = 1e-4  # AdamW learning rate (DACT code).
+  c.grm.weight_decay = 0.01  # AdamW weight decay.
+  c.grm.warmup_steps = 100  # Linear warm-up steps.
+  c.grm.grad_clip = 1.0  # Global gradient-norm clipping.
+  c.grm.batch_size = 256  # Training samples per batch (a multiple of the device count).
+  c.grm.eval_batch_size = 256  # Users per beam-search batch.
+  c.grm.beam_size = 20  # Beams = ranked items returned per user.
+  c.grm.constrained = True  # Trie-constrained decoding (False: ETEGRec/UniGRec protocol).
+  c.grm.length_buckets = (4, 8, 13, 20)  # History-length buckets (items) for batching.
+  c.grm.epochs = 200  # Epoch budget.
+  c.grm.eval_every = 1  # Epochs between validation evaluations (beam search).
+  c.grm.patience = 15  # Evaluations without improvement before early stopping.
+  c.grm.max_train_minutes = 0.0  # Stop training after this many minutes (0 = no limit).
+  c.grm.select_metric = "ndcg@10"  # Validation metric of model selection.
+  return c
+
+
+def dataset_paths(config: ml_collections.ConfigDict, name: str) -> None:
+  """Points `config.data` at the shared Amazon 2014 dataset `name` (toys, beauty)."""
+  config.data.name = name
+  config.data.path = os.path.join(SHARED_DATA, name, "interactions.csv")
+  config.data.items_csv = os.path.join(SHARED_DATA, name, "items.csv")
+
+
+def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """Applies a named preset: "" keeps the paper settings; "cpu" fits a 2-core CPU.
+
+  The cpu preset shrinks the recommender (2+2 layers, d_model 64) and the budgets (tokenizer
+  steps, recommender minutes) so that one run finishes in about 15 minutes on 2 cores.
+  """
+  if preset == "":
+    return config
+  if preset != "cpu":
+    raise ValueError(f"unknown preset {preset!r}; use '' (paper settings) or 'cpu'")
+  c = config
+  c.sasrec.epochs = 20
+  c.tokenizer.steps = 2000
+  c.grm.d_model = 64
+  c.grm.d_ff = 256
+  c.grm.num_heads = 4
+  c.grm.d_kv = 16
+  c.grm.num_encoder_layers = 2
+  c.grm.num_decoder_layers = 2
+  c.grm.learning_rate = 2e-3
+  c.grm.epochs = 30
+  c.grm.eval_every = 3
+  c.grm.patience = 3
+  c.grm.max_train_minutes = 8.0
+  c.grm.eval_batch_size = 512
+  return c

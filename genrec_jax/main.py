@@ -1,0 +1,28 @@
+"""Entry point: `python -m genrec_jax.main --config=configs/tiger_toys.py:cpu --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.grm.epochs=5 --config.seed=1`. Running again
+with the same workdir resumes from the last checkpoint of the interrupted stage.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from genrec_jax.logs import setup_logging
+from genrec_jax.pipelines import static
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally `path:preset`.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  setup_logging()
+  static.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

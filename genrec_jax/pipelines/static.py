@@ -1,0 +1,236 @@
+"""Single-period pipeline: TIGER, LETTER and the SASRec baseline (PROTOCOLS.md section 1).
+
+Stages, each resumable from WORKDIR:
+  data        read + 5-core + leave-one-out (optionally through a prepared TFDS dataset)
+  sasrec      CF model (LETTER's collaborative signal, or the discriminative baseline)
+  embeddings  tokenizer input: MiniLM text vectors (cached), a user file, or CF embeddings
+  tokenizer   RQ-VAE (+ LETTER regularizers) and the unique identifier table
+  grm         T5 recommender, model selection on validation, test with beam search
+Outputs: WORKDIR/results.json, WORKDIR/identifiers.csv, WORKDIR/checkpoints/<stage>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from genrec_jax.data import leave_one_out, load_interactions
+from genrec_jax.data.interactions import Interactions, index_interactions, k_core_filter
+from genrec_jax.data.splits import training_windows
+from genrec_jax.recommenders.sasrec import SASRecConfig
+from genrec_jax.recommenders.t5 import T5Config
+from genrec_jax.tokenizers.identifiers import IdentifierTable, write_identifiers_csv
+from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig
+from genrec_jax.training.checkpoint import Checkpoints
+from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer
+from genrec_jax.training.loop import LoopConfig
+from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer
+from genrec_jax.training.sharding import make_mesh
+from genrec_jax.training.tokenizer import (TokenizerTrainConfig, assign_identifiers,
+                                           train_tokenizer)
+
+METHODS = ("tiger", "letter", "sasrec")
+
+
+def load_dataset(config: ml_collections.ConfigDict, workdir: str) -> Interactions:
+  """Interactions after the k-core filter, read directly or through TFDS array_record."""
+  data = config.data
+  if not data.use_tfds:
+    return load_interactions(data.path, data.format, data.min_count)
+  from genrec_jax.data import tfds_builder  # imported lazily: TFDS is slow to import
+  tfds_dir = data.tfds_dir or os.path.join(workdir, "tfds")
+  builder_config = tfds_builder.AmazonInteractionsConfig(
+      name=data.name, filename=os.path.basename(data.path), fmt=data.format)
+  tfds_builder.prepare_tfds(builder_config, os.path.dirname(data.path), tfds_dir)
+  raw = tfds_builder.load_tfds_interactions(data.name, tfds_dir)
+  return index_interactions(k_core_filter(raw, data.min_count))
+
+
+def sasrec_trainer(config, num_items: int, mesh) -> SASRecTrainer:
+  s = config.sasrec
+  model_cfg = SASRecConfig(num_items=num_items, hidden_dim=s.hidden_dim,
+                           num_layers=s.num_layers, num_heads=s.num_heads, max_len=s.max_len,
+                           dropout_rate=s.dropout_rate)
+  buckets = tuple(b for b in (5, 10, 20) if b < s.max_len) + (s.max_len,)
+  train_cfg = SASRecTrainConfig(
+      loss=s.loss, learning_rate=s.learning_rate, batch_size=s.batch_size,
+      length_buckets=buckets,
+      loop=LoopConfig(epochs=s.epochs, eval_every=s.eval_every, patience=s.patience,
+                      seed=config.seed))
+  return SASRecTrainer(model_cfg, train_cfg, mesh, seed=config.seed)
+
+
+def grm_trainer(config, vocab_size: int, mesh) -> GRMTrainer:
+  g = config.grm
+  model_cfg = T5Config(vocab_size=vocab_size, d_model=g.d_model, d_ff=g.d_ff,
+                       num_heads=g.num_heads, d_kv=g.d_kv,
+                       num_encoder_layers=g.num_encoder_layers,
+                       num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate)
+  train_cfg = GRMTrainConfig(
+      learning_rate=g.learning_rate, weight_decay=g.weight_decay, warmup_steps=g.warmup_steps,
+      grad_clip=g.grad_clip, batch_size=g.batch_size, eval_batch_size=g.eval_batch_size,
+      beam_size=g.beam_size, constrained=g.constrained, length_buckets=tuple(g.length_buckets),
+      loop=LoopConfig(epochs=g.epochs, eval_every=g.eval_every, patience=g.patience,
+                      select_metric=g.select_metric, seed=config.seed,
+                      max_train_seconds=g.max_train_minutes * 60 or None))
+  return GRMTrainer(model_cfg, train_cfg, mesh, seed=config.seed)
+
+
+def rqvae_config(config, input_dim: int) -> RQVAEConfig:
+  t = config.tokenizer
+  return RQVAEConfig(
+      input_dim=input_dim, hidden_dims=tuple(t.hidden_dims), latent_dim=t.latent_dim,
+      num_levels=t.num_levels, codebook_size=t.codebook_size, beta=t.beta,
+      recon_reduction=t.recon_reduction, cf_weight=t.cf_weight,
+      cf_temperature=t.cf_temperature, cf_similarity=t.cf_similarity,
+      diversity_weight=t.diversity_weight)
+
+
+def item_features(config, inter: Interactions, cf: np.ndarray | None) -> np.ndarray:
+  """Tokenizer input vectors [num_items, D] in item-index order."""
+  source = config.embeddings.source
+  if source == "cf":
+    if cf is None:
+      raise ValueError("embeddings.source='cf' needs a trained SASRec (method letter, or set "
+                       "tokenizer.cf_weight)")
+    return cf
+  from genrec_jax import text  # imported lazily: loads the sentence encoder's tokenizer
+  if source == "file":
+    return text.load_embedding_file(config.embeddings.file, inter.num_items)
+  if source == "minilm":
+    return text.semantic_embeddings(config.data.items_csv, [str(i) for i in inter.item_ids],
+                                    config.embeddings.cache_dir)
+  raise ValueError(f"embeddings.source must be 'minilm', 'file' or 'cf', got {source!r}")
+
+
+def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
+                               cf: np.ndarray | None) -> tuple[IdentifierTable, dict]:
+  """Stage `tokenizer`: trains the RQ-VAE once; later runs restore weights and code table."""
+  model_cfg = rqvae_config(config, features.shape[1])
+  t = config.tokenizer
+  ckpt = Checkpoints(os.path.join(workdir, "checkpoints", "tokenizer"),
+                     ("tokenizer", "code_table"), max_to_keep=1)
+  template = RQVAE(model_cfg, rngs=nnx.Rngs(0))
+  if ckpt.latest_step() is not None:
+    n, depth = features.shape[0], t.num_levels + 1
+    items, meta = ckpt.restore(0, {"tokenizer": nnx.state(template),
+                                   "code_table": {"codes": np.zeros((n, depth), np.int32),
+                                                  "item": np.zeros((n,), np.int32)}})
+    ckpt.close()
+    logging.info("[tokenizer] restored from %s", ckpt.directory)
+    table = IdentifierTable(np.asarray(items["code_table"]["codes"]),
+                            np.asarray(items["code_table"]["item"]),
+                            (t.codebook_size,) * t.num_levels + (t.dedup_size,))
+    return table, meta
+  train_cfg = TokenizerTrainConfig(steps=t.steps, batch_size=t.batch_size,
+                                   learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                                   kmeans_iterations=t.kmeans_iterations,
+                                   diversity_groups=t.diversity_groups)
+  model, train_stats = train_tokenizer(model_cfg, train_cfg, features, cf, seed=config.seed)
+  table, stats = assign_identifiers(model, features, t.dedup_size)
+  stats.update(train_stats)
+  ckpt.save(0, {"tokenizer": nnx.state(model),
+                "code_table": {"codes": table.codes, "item": table.item}}, stats)
+  ckpt.close()
+  return table, stats
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the pipeline of `config.method` and writes WORKDIR/results.json."""
+  if config.method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+  os.makedirs(workdir, exist_ok=True)
+  timing, t0 = {}, time.time()
+  mesh = make_mesh()
+  logging.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform,
+               dict(mesh.shape))
+
+  inter = load_dataset(config, workdir)
+  stats = inter.stats()
+  logging.info("[data] %s: %d users, %d items, %d interactions", config.data.name,
+               stats["users"], stats["items"], stats["interactions"])
+  split = leave_one_out(inter, config.data.max_history)
+  logging.info("[data] samples: %d train, %d valid, %d test", len(split.train),
+               len(split.valid), len(split.test))
+  timing["data"] = time.time() - t0
+
+  results = {"dataset": {"name": config.data.name, **stats}, "method": config.method,
+             "config": config.to_dict(), "devices": jax.device_count()}
+  cf = None
+  needs_cf = (config.method in ("letter", "sasrec") or config.tokenizer.cf_weight > 0 or
+              config.embeddings.source == "cf")
+  if needs_cf:
+    t = time.time()
+    trainer = sasrec_trainer(config, inter.num_items, mesh)
+    long_split = leave_one_out(inter, config.sasrec.max_len)
+    params, loop_state = trainer.train(training_windows(inter, config.sasrec.max_len),
+                                       long_split.valid,
+                                       os.path.join(workdir, "checkpoints", "sasrec"))
+    sasrec_metrics = {"valid": trainer.evaluate(params, long_split.valid),
+                      "test": trainer.evaluate(params, long_split.test),
+                      "best_epoch": loop_state["best_epoch"] + 1}
+    cf = trainer.item_embeddings(params)
+    timing["sasrec"] = time.time() - t
+    logging.info("[sasrec] test %s", _fmt(sasrec_metrics["test"]))
+    if config.method == "sasrec":
+      results["metrics"] = sasrec_metrics
+    else:
+      results["baselines"] = {"sasrec": sasrec_metrics}
+
+  if config.method != "sasrec":
+    t = time.time()
+    features = item_features(config, inter, cf)
+    timing["embeddings"] = time.time() - t
+    t = time.time()
+    table, tokenizer_stats = train_or_restore_tokenizer(config, workdir, features, cf)
+    write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), table, inter.item_ids)
+    results["tokenizer"] = tokenizer_stats
+    results["tokenizer"]["input"] = config.embeddings.source
+    timing["tokenizer"] = time.time() - t
+
+    t = time.time()
+    trainer = grm_trainer(config, table.vocab_size, mesh)
+    params, loop_state = trainer.train(table, inter.num_items, split.train, split.valid,
+                                       os.path.join(workdir, "checkpoints", "grm"))
+    timing["grm_train"] = time.time() - t
+    t = time.time()
+    results["metrics"] = {"valid": trainer.evaluate(params, table, inter.num_items, split.valid),
+                          "test": trainer.evaluate(params, table, inter.num_items, split.test),
+                          "best_epoch": loop_state["best_epoch"] + 1,
+                          "epochs_run": loop_state["epoch"] + 1}
+    results["grm_history"] = loop_state["history"]
+    timing["grm_eval"] = time.time() - t
+    logging.info("[grm] test %s", _fmt(results["metrics"]["test"]))
+
+  timing["total"] = time.time() - t0
+  results["timing"] = timing
+  write_json(os.path.join(workdir, "results.json"), results)
+  logging.info("results written to %s", os.path.join(workdir, "results.json"))
+  return results
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Atomic JSON write (no half-written results after a crash)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(value):
+  if isinstance(value, (np.integer, np.floating)):
+    return value.item()
+  if isinstance(value, (np.ndarray, tuple)):
+    return list(value)
+  raise TypeError(f"cannot serialise {type(value)}")
+
+
+def _fmt(metrics: dict) -> str:
+  return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())

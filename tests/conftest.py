@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny synthetic dataset with learnable sequential structure."""
+
+import os
+
+import numpy as np
+import pytest
+
+from genrec_jax.config import base_config
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                      "shared")
+
+
+def write_synthetic(directory, num_users=240, num_items=48, length=8, seed=0):
+  """Users walk item chains (item i is mostly followed by i + 1); returns (csv, npy) paths.
+
+  Item vectors: a noisy one-hot of the item's chain position group, so the tokenizer has
+  structure to find.
+  """
+  rng = np.random.default_rng(seed)
+  rows = []
+  for u in range(num_users):
+    item = rng.integers(num_items)
+    for t in range(length):
+      rows.append((f"u{u:04d}", f"i{item:03d}", 1_400_000_000 + 86400 * (u + t)))
+      item = (item + 1) % num_items if rng.random() < 0.9 else rng.integers(num_items)
+  path = os.path.join(directory, "interactions.csv")
+  with open(path, "w") as f:
+    f.write("user,item,timestamp\n")
+    f.writelines(f"{u},{i},{t}\n" for u, i, t in rows)
+  vectors = rng.normal(size=(num_items, 16)).astype(np.float32)
+  np.save(os.path.join(directory, "items.npy"), vectors)
+  return path, os.path.join(directory, "items.npy")
+
+
+def tiny_config(directory, method="tiger"):
+  """A config that trains every stage in a few seconds on the synthetic data."""
+  csv_path, npy_path = write_synthetic(directory)
+  c = base_config()
+  c.method = method
+  c.data.name = "synthetic"
+  c.data.path = csv_path
+  c.data.max_history = 8
+  c.embeddings.source = "file"
+  c.embeddings.file = npy_path
+  c.sasrec.update(hidden_dim=8, epochs=2, eval_every=1, batch_size=64, max_len=8)
+  c.tokenizer.update(hidden_dims=(16,), latent_dim=8, num_levels=2, codebook_size=8,
+                     dedup_size=16, steps=60, batch_size=32, kmeans_iterations=5)
+  c.grm.update(d_model=16, d_ff=32, num_heads=2, d_kv=8, num_encoder_layers=1,
+               num_decoder_layers=1, learning_rate=1e-2, warmup_steps=5, batch_size=64,
+               eval_batch_size=64, beam_size=20, length_buckets=(8,), epochs=8,
+               eval_every=2, patience=10)
+  return c
+
+
+@pytest.fixture
+def shared_dir():
+  if not os.path.isdir(SHARED):
+    pytest.skip(f"shared reference material not found at {SHARED}")
+  return SHARED

@@ -1,0 +1,747 @@
+"""Speed benchmark of the generative recommender (T5 over semantic IDs), JAX vs. PyTorch.
+
+Measures, on real Amazon-2014 Toys samples (real history lengths) with a random identifier table
+(speed only, not accuracy):
+
+  a. JAX training (`GRMTrainer._train_step`): steps/s and samples/s with length bucketing
+     (`GRMTrainConfig.length_buckets`) and with every batch padded to 80 tokens (20 items);
+  b. JAX trie-constrained beam search (`GRMTrainer._rank`, the jitted body of `.rank`): users/s;
+  c. peak memory: per-phase peak RSS (VmHWM, reset between phases through /proc/self/clear_refs),
+     process ru_maxrss, XLA's memory analysis of the compiled train step and
+     `device.memory_stats()` (None on CPU);
+  d. the reference PyTorch setup (DACT/LETTER): HF `T5ForConditionalGeneration` of the same size
+     trained with teacher forcing + AdamW on the same batches padded to 80 tokens, and
+     `generate(num_beams=B, num_return_sequences=B, max_new_tokens=4,
+     prefix_allowed_tokens_fn=<dict trie>)`;
+  e. a table (metric, JAX, torch, JAX/torch) and a JSON file with machine information.
+
+Throughputs are "full pass" estimates: every step or ranking batch is timed on its own, the mean
+time per length bucket is weighted by the number of batches that bucket has in a full training
+epoch / validation pass. The plain average over the measured (bucket-stratified) batches is
+reported too.
+
+  python tools/bench_grm.py --model dact --json_out experiments/benchmarks/grm_cpu_2core.json
+
+torch/transformers are optional (`pip install -e .[bench]`); without them, or with --no_torch,
+the PyTorch part is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+try:
+  import genrec_jax  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from genrec_jax.data import leave_one_out, load_interactions  # noqa: E402
+from genrec_jax.data.batching import bucket_of  # noqa: E402
+from genrec_jax.data.splits import SampleSet  # noqa: E402
+from genrec_jax.decoding.trie import build_trie  # noqa: E402
+from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
+from genrec_jax.tokenizers.identifiers import assign_dedup, one_to_one_table  # noqa: E402
+from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer, sample_batches  # noqa: E402
+from genrec_jax.training.sharding import make_mesh, replicate, shard_batch  # noqa: E402
+
+DEFAULT_DATA = "/work/shared/data/amazon2014/toys/interactions.csv"
+MAX_HISTORY = 20
+CODEBOOK = 256
+DEDUP = 256
+
+PRESETS = {
+    # DACT / TIGER size.
+    "dact": dict(d_model=128, d_ff=1024, num_heads=6, d_kv=64, num_encoder_layers=4,
+                 num_decoder_layers=4),
+    # Small preset for quick CPU runs.
+    "cpu": dict(d_model=64, d_ff=256, num_heads=4, d_kv=16, num_encoder_layers=2,
+                num_decoder_layers=2),
+}
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def loadavg() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+class PeakRSS:
+  """Peak resident memory of one phase: VmHWM after resetting it (Linux clear_refs '5')."""
+
+  def __init__(self):
+    self.resettable = self._reset()
+
+  @staticmethod
+  def _reset() -> bool:
+    try:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+      return True
+    except OSError:
+      return False
+
+  @staticmethod
+  def _status(field: str) -> float | None:
+    try:
+      with open("/proc/self/status") as f:
+        for line in f:
+          if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0  # kB -> MiB
+    except OSError:
+      pass
+    return None
+
+  def start(self) -> None:
+    if self.resettable:
+      self._reset()
+
+  def peak_mib(self) -> float | None:
+    """Peak RSS since start() (or since process start if VmHWM cannot be reset)."""
+    return self._status("VmHWM")
+
+  @staticmethod
+  def current_mib() -> float | None:
+    return PeakRSS._status("VmRSS")
+
+
+def ru_maxrss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def stratified(groups: dict[int, list], total: int) -> dict[int, int]:
+  """How many of each group's items to take so that `total` follows the groups' sizes (>= 1)."""
+  sizes = {k: len(v) for k, v in groups.items() if v}
+  n = sum(sizes.values())
+  return {k: max(1, min(s, int(round(total * s / n)))) for k, s in sizes.items()}
+
+
+def weighted_throughput(times: dict[int, list[float]], counts: dict[int, int],
+                        units: dict[int, float], stat=np.median) -> tuple[float, float]:
+  """(units/s, seconds) of a full pass with counts[b] batches taking stat(times[b]) each.
+
+  The median per shape is the headline: the machine may be shared, and a step that lost its
+  cores to another process should not count as the library's speed.
+  """
+  seconds = sum(counts[b] * float(stat(times[b])) for b in counts)
+  return sum(units.values()) / seconds, seconds
+
+
+def real_rows(idx: np.ndarray) -> int:
+  return int((idx >= 0).sum())
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def load_data(path: str, seed: int):
+  inter = load_interactions(path)
+  split = leave_one_out(inter, max_history=MAX_HISTORY)
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, CODEBOOK, (split.num_items, 3))
+  table = one_to_one_table(assign_dedup(codes, DEDUP), CODEBOOK, DEDUP)
+  return split, table
+
+
+def epoch_batches(samples: SampleSet, item_tokens, batch_size, buckets, seed):
+  """All batches of one shuffled epoch, grouped by input length (tokens)."""
+  groups: dict[int, list] = collections.defaultdict(list)
+  for batch, idx in sample_batches(samples, item_tokens, batch_size, buckets, seed=seed,
+                                   epoch=0):
+    groups[batch["inputs"].shape[1]].append((batch, idx))
+  return dict(groups)
+
+
+def pick(groups: dict[int, list], total: int) -> dict[int, list]:
+  """Stratified subset of batches, full batches first."""
+  take = stratified(groups, total)
+  out = {}
+  for k, n in take.items():
+    ordered = sorted(groups[k], key=lambda bi: -real_rows(bi[1]))
+    out[k] = ordered[:n]
+  return out
+
+
+# ---------------------------------------------------------------------------------- JAX parts
+
+
+class Timings:
+  """Wall and process-CPU seconds of timed calls, grouped by input length (tokens).
+
+  cpu / wall tells how many cores the process really had: about --threads when the machine was
+  free, less when other processes took cores (then the wall times overstate the library's cost).
+  """
+
+  def __init__(self):
+    self.wall: dict[int, list[float]] = collections.defaultdict(list)
+    self.cpu: dict[int, list[float]] = collections.defaultdict(list)
+
+  def time(self, length: int, fn):
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    self.wall[length].append(time.perf_counter() - t0)
+    self.cpu[length].append(time.process_time() - c0)
+    return out
+
+  def summary(self, groups: dict[int, list], unit: str) -> dict:
+    """Full-pass throughput (median and mean per shape) and per-shape statistics."""
+    counts = {k: len(v) for k, v in groups.items()}
+    units = {k: float(sum(real_rows(idx) for _, idx in v)) for k, v in groups.items()}
+    missing = sorted(set(counts) - set(self.wall))
+    if missing:
+      raise ValueError(f"no timed batch of lengths {missing}")
+    rate, seconds = weighted_throughput(self.wall, counts, units, np.median)
+    rate_mean, seconds_mean = weighted_throughput(self.wall, counts, units, np.mean)
+    wall_all = sum(sum(v) for v in self.wall.values())
+    cpu_all = sum(sum(v) for v in self.cpu.values())
+    return {
+        f"{unit}_per_s": rate,
+        "batches_per_s": sum(counts.values()) / seconds,
+        "full_pass_s": seconds,
+        f"{unit}_per_s_mean": rate_mean,
+        "full_pass_s_mean": seconds_mean,
+        "full_pass_batches": sum(counts.values()),
+        f"full_pass_{unit}": int(sum(units.values())),
+        "mean_input_tokens": float(sum(k * units[k] for k in units) / sum(units.values())),
+        "batches_by_tokens": {int(k): counts[k] for k in sorted(counts)},
+        "median_s_by_tokens": {int(k): float(np.median(v)) for k, v in sorted(self.wall.items())},
+        "min_s_by_tokens": {int(k): float(np.min(v)) for k, v in sorted(self.wall.items())},
+        "timed_by_tokens": {int(k): len(v) for k, v in sorted(self.wall.items())},
+        "wall_s_all": {int(k): [round(x, 4) for x in v] for k, v in sorted(self.wall.items())},
+        "cpu_per_wall": cpu_all / max(wall_all, 1e-9),
+    }
+
+
+def bench_jax_train(trainer: GRMTrainer, groups, measured, label, compiled_cache, peak):
+  """Times every measured step (AOT-compiled once per shape, one warm-up step)."""
+  params = jax.tree.map(jnp.copy, trainer.init_params)
+  opt_state = trainer.init_opt_state(params)
+  key = jax.random.key(0)
+  mesh = trainer.mesh
+  compile_s = {}
+  for length, batches in sorted(measured.items()):
+    if length not in compiled_cache:
+      batch = shard_batch(batches[0][0], mesh)
+      t0 = time.perf_counter()
+      lowered = trainer._train_step.lower(params, opt_state, batch, key)
+      t1 = time.perf_counter()
+      compiled_cache[length] = lowered.compile()
+      t2 = time.perf_counter()
+      compile_s[length] = {"trace_s": t1 - t0, "compile_s": t2 - t1}
+      log(f"{label}: compiled train step for {length} tokens in {t2 - t0:.1f}s")
+  warm = min(measured)
+  params, opt_state, loss = compiled_cache[warm](params, opt_state,
+                                                 shard_batch(measured[warm][0][0], mesh), key)
+  jax.block_until_ready(loss)
+  order = [(length, bi) for length, batches in measured.items() for bi in batches]
+  perm = np.random.default_rng(1).permutation(len(order))
+  timings = Timings()
+  peak.start()
+  load0 = loadavg()
+  for i in perm:
+    length, (batch, idx) = order[i]
+
+    def step():
+      out = compiled_cache[length](params, opt_state, shard_batch(batch, mesh),
+                                   jax.random.fold_in(key, int(i)))
+      return jax.block_until_ready(out)
+
+    params, opt_state, loss = timings.time(length, step)
+  if not np.isfinite(float(loss)):
+    raise FloatingPointError(f"{label}: non-finite loss {float(loss)}")
+  res = timings.summary(groups, "samples")
+  res["steps_per_s"] = res.pop("batches_per_s")
+  res.update({"compile_by_tokens": {int(k): v for k, v in compile_s.items()},
+              "peak_rss_mib": peak.peak_mib(), "loadavg_start": load0,
+              "loadavg_end": loadavg(), "final_loss": float(loss)})
+  log(f"{label}: {res['samples_per_s']:.1f} samples/s, {res['steps_per_s']:.3f} steps/s, "
+      f"cpu/wall {res['cpu_per_wall']:.2f} (median step s by tokens "
+      f"{({k: round(v, 2) for k, v in res['median_s_by_tokens'].items()})})")
+  return res
+
+
+def valid_batches(samples: SampleSet, item_tokens, batch_size, buckets):
+  groups: dict[int, list] = collections.defaultdict(list)
+  for batch, idx in sample_batches(samples, item_tokens, batch_size, buckets):
+    groups[batch["inputs"].shape[1]].append((batch, idx))
+  return dict(groups)
+
+
+def bench_jax_beam(trainer: GRMTrainer, table, groups, eval_users, beam, label, peak,
+                   compiled_cache, rank_fn=None):
+  """Users/s of the jitted constrained beam search (the body of GRMTrainer.rank).
+
+  rank_fn: optional replacement of `trainer._rank` with the same signature (prototypes).
+  """
+  rank_fn = rank_fn or trainer._rank
+  mesh = trainer.mesh
+  params = trainer.init_params
+  trie = replicate(jax.tree.map(jnp.asarray, build_trie(table)), mesh)
+  static = dict(offsets=tuple(int(o) for o in table.offsets),
+                level_sizes=tuple(table.level_sizes), beam_size=beam,
+                constrained=trainer.cfg.constrained)
+  n_batches = max(1, int(round(eval_users / trainer.cfg.eval_batch_size)))
+  measured = pick(groups, n_batches)
+  compile_s = {}
+  for length, batches in sorted(measured.items()):
+    if length not in compiled_cache:
+      inputs = shard_batch({"inputs": batches[0][0]["inputs"]}, mesh)["inputs"]
+      t0 = time.perf_counter()
+      compiled_cache[length] = rank_fn.lower(params, inputs, trie, **static).compile()
+      compile_s[length] = time.perf_counter() - t0
+      log(f"{label}: compiled beam search for {length} tokens in {compile_s[length]:.1f}s")
+  timings = Timings()
+  peak.start()
+  load0 = loadavg()
+  results = []
+  for length, batches in sorted(measured.items()):
+    for batch, idx in batches:
+
+      def run():
+        inputs = shard_batch({"inputs": batch["inputs"]}, mesh)["inputs"]
+        items, _ = compiled_cache[length](params, inputs, trie)
+        return np.asarray(jax.device_get(items))
+
+      results.append((idx, timings.time(length, run)))
+  res = timings.summary(groups, "users")
+  res.pop("batches_per_s")
+  res.update({"compile_s_by_tokens": {int(k): v for k, v in compile_s.items()},
+              "peak_rss_mib": peak.peak_mib(), "loadavg_start": load0,
+              "loadavg_end": loadavg()})
+  log(f"{label}: {res['users_per_s']:.1f} users/s, cpu/wall {res['cpu_per_wall']:.2f} "
+      f"(median batch s by tokens "
+      f"{({k: round(v, 2) for k, v in res['median_s_by_tokens'].items()})})")
+  res["_ranked"] = results
+  return res
+
+
+def jax_memory(trainer: GRMTrainer, compiled_train) -> dict:
+  out = {}
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception as e:  # pylint: disable=broad-except
+    stats = f"unavailable: {e}"
+  out["device_memory_stats"] = stats if stats else None
+  if not stats:
+    out["device_memory_stats_note"] = (
+        f"{jax.devices()[0].platform}: jax reports no device memory stats on this platform")
+  for length, compiled in sorted(compiled_train.items()):
+    try:
+      ma = compiled.memory_analysis()
+      out[f"train_step_{length}_tokens_xla_mib"] = {
+          name: getattr(ma, f"{name}_size_in_bytes") / 2**20
+          for name in ("argument", "output", "temp", "generated_code", "alias")}
+    except Exception as e:  # pylint: disable=broad-except
+      out[f"train_step_{length}_tokens_xla_mib"] = f"unavailable: {e}"
+  return out
+
+
+# -------------------------------------------------------------------------------- torch parts
+
+
+def torch_available() -> tuple[bool, str]:
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  except Exception as e:  # pylint: disable=broad-except
+    return False, f"{type(e).__name__}: {e}"
+  return True, ""
+
+
+def make_torch_model(cfg: T5Config, threads: int):
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  hf_cfg = transformers.T5Config(
+      vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_ff=cfg.d_ff, num_heads=cfg.num_heads,
+      d_kv=cfg.d_kv, num_layers=cfg.num_encoder_layers,
+      num_decoder_layers=cfg.num_decoder_layers, dropout_rate=cfg.dropout_rate,
+      relative_attention_num_buckets=cfg.relative_buckets,
+      relative_attention_max_distance=cfg.relative_max_distance, feed_forward_proj="relu",
+      tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)
+  model = transformers.T5ForConditionalGeneration(hf_cfg)
+  gen = model.generation_config
+  gen.eos_token_id, gen.pad_token_id, gen.decoder_start_token_id = None, 0, 0
+  return model
+
+
+def pad_to(inputs: np.ndarray, length: int) -> np.ndarray:
+  """Left-pads token rows to `length` (histories are left-padded, most recent item last)."""
+  return np.pad(inputs, ((0, 0), (length - inputs.shape[1], 0)))
+
+
+def bench_torch_train(model, batches, lr, weight_decay, grad_clip, full_len, peak):
+  import torch
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+  def step(batch, idx):
+    inputs = torch.from_numpy(pad_to(batch["inputs"], full_len).astype(np.int64))
+    labels = torch.from_numpy(batch["targets"].astype(np.int64))
+    labels[torch.from_numpy(idx < 0)] = -100
+    out = model(input_ids=inputs, attention_mask=(inputs > 0).long(), labels=labels)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+  step(*batches[0])  # warm-up
+  peak.start()
+  load0 = loadavg()
+  timings = Timings()
+  samples = 0
+  for batch, idx in batches[1:]:
+    loss = timings.time(full_len, lambda: step(batch, idx))
+    samples += real_rows(idx)
+  times = timings.wall[full_len]
+  median = float(np.median(times))
+  res = {
+      "samples_per_s": samples / len(times) / median,
+      "steps_per_s": 1.0 / median,
+      "samples_per_s_mean": samples / sum(times),
+      "median_step_s": median,
+      "min_step_s": float(np.min(times)),
+      "wall_s_all": [round(x, 4) for x in times],
+      "cpu_per_wall": sum(timings.cpu[full_len]) / sum(times),
+      "timed_steps": len(times),
+      "input_tokens": full_len,
+      "peak_rss_mib": peak.peak_mib(),
+      "loadavg_start": load0,
+      "loadavg_end": loadavg(),
+      "final_loss": loss,
+  }
+  log(f"torch train: {res['samples_per_s']:.1f} samples/s ({median:.2f} s/step median, "
+      f"cpu/wall {res['cpu_per_wall']:.2f})")
+  return res
+
+
+def dict_trie(table) -> dict[tuple[int, ...], list[int]]:
+  """{prefix tokens: allowed next tokens}, the usual prefix_allowed_tokens_fn trie."""
+  trie: dict[tuple[int, ...], set[int]] = collections.defaultdict(set)
+  for row in table.tokens().tolist():
+    for d in range(len(row)):
+      trie[tuple(row[:d])].add(row[d])
+  return {k: sorted(v) for k, v in trie.items()}
+
+
+def bench_torch_generate(model, table, samples: SampleSet, item_tokens, users, batch_size,
+                         beam, full_len, peak):
+  import torch
+  from genrec_jax.training.grm import history_tokens
+  model.eval()
+  trie = dict_trie(table)
+
+  def allowed(batch_id, sent):  # sent: decoder start token 0, then generated tokens
+    return trie.get(tuple(sent.tolist()[1:]), [])
+
+  inputs_all = history_tokens(samples.history[:users], item_tokens)
+  inputs_all = pad_to(inputs_all, full_len)
+
+  def run(x):
+    x = torch.from_numpy(x.astype(np.int64))
+    with torch.inference_mode():
+      return model.generate(input_ids=x, attention_mask=(x > 0).long(), num_beams=beam,
+                            num_return_sequences=beam, max_new_tokens=table.depth,
+                            min_new_tokens=table.depth, do_sample=False, early_stopping=False,
+                            prefix_allowed_tokens_fn=allowed, decoder_start_token_id=0,
+                            pad_token_id=0, eos_token_id=None)
+
+  run(inputs_all[:min(batch_size, 8)])  # warm-up
+  peak.start()
+  load0 = loadavg()
+  c0, t0 = time.process_time(), time.perf_counter()
+  out = None
+  batch_s = []
+  for s in range(0, users, batch_size):
+    tb = time.perf_counter()
+    out = run(inputs_all[s:s + batch_size])
+    batch_s.append(time.perf_counter() - tb)
+  wall = time.perf_counter() - t0
+  res = {
+      "users_per_s": users / wall,
+      "batch_s_all": [round(x, 4) for x in batch_s],
+      "cpu_per_wall": (time.process_time() - c0) / wall,
+      "users": users,
+      "batch_size": batch_size,
+      "seconds": wall,
+      "output_shape": list(out.shape),
+      "input_tokens": full_len,
+      "peak_rss_mib": peak.peak_mib(),
+      "loadavg_start": load0,
+      "loadavg_end": loadavg(),
+  }
+  log(f"torch generate: {res['users_per_s']:.2f} users/s ({users} users in {wall:.1f}s, "
+      f"cpu/wall {res['cpu_per_wall']:.2f})")
+  return res
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict:
+  info = {
+      "cpu_count": os.cpu_count(),
+      "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jax_backend": jax.default_backend(),
+      "jax_devices": [str(d) for d in jax.devices()],
+      "loadavg_at_start": loadavg(),
+  }
+  try:
+    import flax
+    info["flax"] = flax.__version__
+  except ImportError:
+    pass
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    info["cpu_model"] = names[0] if names else None
+  except OSError:
+    pass
+  try:
+    with open("/proc/meminfo") as f:
+      info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+  except OSError:
+    pass
+  return info
+
+
+def fmt(v, digits=2):
+  if v is None:
+    return "-"
+  if isinstance(v, str):
+    return v
+  return f"{v:,.{digits}f}"
+
+
+def table_rows(res: dict) -> list[tuple[str, str, str, str]]:
+  j, t = res["jax"], res.get("torch") or {}
+  rows = []
+
+  def add(name, jv, tv, digits=2, ratio=True):
+    r = jv / tv if (ratio and jv is not None and tv) else None
+    rows.append((name, fmt(jv, digits), fmt(tv, digits), fmt(r, 2) + ("x" if r else "")))
+
+  tt, tg = t.get("train", {}), t.get("generate", {})
+  add("train samples/s (JAX bucketed | torch 80 tok)", j["train_bucketed"]["samples_per_s"],
+      tt.get("samples_per_s"), 1)
+  add("train steps/s   (JAX bucketed | torch 80 tok)", j["train_bucketed"]["steps_per_s"],
+      tt.get("steps_per_s"), 3)
+  add("train samples/s (both 80 tok)", j["train_fixed80"]["samples_per_s"],
+      tt.get("samples_per_s"), 1)
+  add("train steps/s   (both 80 tok)", j["train_fixed80"]["steps_per_s"], tt.get("steps_per_s"),
+      3)
+  add(f"beam search users/s (JAX bucketed | torch 80 tok)", j["beam_bucketed"]["users_per_s"],
+      tg.get("users_per_s"), 1)
+  if "beam_fixed80" in j:
+    add("beam search users/s (both 80 tok)", j["beam_fixed80"]["users_per_s"],
+        tg.get("users_per_s"), 1)
+  add("peak RSS MiB, train phase", j["train_bucketed"]["peak_rss_mib"],
+      tt.get("peak_rss_mib"), 0)
+  add("peak RSS MiB, beam search phase", j["beam_bucketed"]["peak_rss_mib"],
+      tg.get("peak_rss_mib"), 0)
+  comp = sum(v["trace_s"] + v["compile_s"]
+             for v in j["train_bucketed"]["compile_by_tokens"].values())
+  add("JAX compile s (train, all shapes)", comp, None, 1, ratio=False)
+  add("JAX compile s (beam search, all shapes)",
+      sum(j["beam_bucketed"]["compile_s_by_tokens"].values()), None, 1, ratio=False)
+  return rows
+
+
+def markdown_table(rows) -> str:
+  head = ("metric", "JAX", "torch", "JAX / torch")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", choices=sorted(PRESETS), default="dact")
+  p.add_argument("--data", default=DEFAULT_DATA, help="interactions file (Amazon-2014 Toys)")
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--eval_batch_size", type=int, default=256)
+  p.add_argument("--train_steps", type=int, default=16,
+                 help="timed JAX train steps with bucketing (stratified over buckets)")
+  p.add_argument("--fixed_steps", type=int, default=3,
+                 help="timed JAX train steps with every batch padded to 80 tokens")
+  p.add_argument("--eval_users", type=int, default=1024,
+                 help="JAX users ranked (rounded to eval batches, stratified over buckets)")
+  p.add_argument("--fixed_eval_users", type=int, default=256,
+                 help="JAX users ranked with inputs padded to 80 tokens (0 = skip)")
+  p.add_argument("--beam", type=int, default=20)
+  p.add_argument("--buckets", default=None,
+                 help="comma-separated history-length buckets (items); default: the library's")
+  p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--torch_train_steps", type=int, default=4, help="timed torch steps (+1 warm-up)")
+  p.add_argument("--torch_eval_users", type=int, default=256)
+  p.add_argument("--torch_eval_batch_size", type=int, default=64)
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json_out", default=None)
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  peak = PeakRSS()
+  info = machine_info()
+  log(f"machine: {info.get('cpu_model')} x{info['cpu_count']}, jax {jax.__version__} "
+      f"({jax.default_backend()}), load {info['loadavg_at_start']}")
+
+  split, table = load_data(args.data, args.seed)
+  item_tokens = table.item_tokens(split.num_items)
+  model_cfg = T5Config(table.vocab_size, **PRESETS[args.model])
+  buckets = (tuple(int(b) for b in args.buckets.split(",")) if args.buckets
+             else GRMTrainConfig().length_buckets)
+  full_len = MAX_HISTORY * table.depth
+  log(f"data: {len(split.train)} train / {len(split.valid)} valid samples, "
+      f"{split.num_items} items, vocab {table.vocab_size}, buckets {buckets}, model {args.model}")
+
+  mesh = make_mesh()
+  train_cfg = GRMTrainConfig(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                             beam_size=args.beam, length_buckets=buckets)
+  trainer = GRMTrainer(model_cfg, train_cfg, mesh, seed=args.seed)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.init_params))
+  log(f"JAX T5 parameters: {n_params:,}")
+
+  results = {"args": vars(args), "machine": info, "model": dataclasses.asdict(model_cfg),
+             "num_params_jax": n_params, "buckets": list(buckets), "jax": {}}
+  compiled_train: dict[int, object] = {}
+
+  # a. training, bucketed and fixed 80 tokens.
+  bucket_groups = epoch_batches(split.train, item_tokens, args.batch_size, buckets, args.seed)
+  results["jax"]["train_bucketed"] = bench_jax_train(
+      trainer, bucket_groups, pick(bucket_groups, args.train_steps), "jax train bucketed",
+      compiled_train, peak)
+  fixed_groups = epoch_batches(split.train, item_tokens, args.batch_size, (MAX_HISTORY,),
+                               args.seed)
+  fixed_measured = {full_len: fixed_groups[full_len][:args.fixed_steps]}
+  results["jax"]["train_fixed80"] = bench_jax_train(
+      trainer, fixed_groups, fixed_measured, "jax train 80 tokens", compiled_train, peak)
+  results["jax"]["train_bucketing_gain"] = (results["jax"]["train_bucketed"]["samples_per_s"] /
+                                            results["jax"]["train_fixed80"]["samples_per_s"])
+
+  # b. beam search.
+  compiled_rank: dict[int, object] = {}
+  valid_groups = valid_batches(split.valid, item_tokens, args.eval_batch_size, buckets)
+  results["jax"]["beam_bucketed"] = bench_jax_beam(trainer, table, valid_groups, args.eval_users,
+                                                   args.beam, "jax beam bucketed", peak,
+                                                   compiled_rank)
+  if args.fixed_eval_users:
+    fixed_valid = valid_batches(split.valid, item_tokens, args.eval_batch_size, (MAX_HISTORY,))
+    results["jax"]["beam_fixed80"] = bench_jax_beam(trainer, table, fixed_valid,
+                                                    args.fixed_eval_users, args.beam,
+                                                    "jax beam 80 tokens", peak, compiled_rank)
+
+  for phase in results["jax"].values():
+    if isinstance(phase, dict):
+      phase.pop("_ranked", None)
+
+  # c. memory.
+  results["jax"]["memory"] = jax_memory(trainer, compiled_train)
+  results["jax"]["ru_maxrss_mib_after_jax"] = ru_maxrss_mib()
+  del compiled_train, compiled_rank
+
+  # d. torch.
+  ok, why = torch_available()
+  if not args.torch:
+    log("torch part skipped (--no_torch)")
+    results["torch"] = None
+    results["torch_skipped"] = "--no_torch"
+  elif not ok:
+    log(f"torch part skipped: torch/transformers not importable ({why}); "
+        "install them with `pip install -e .[bench]` to compare against PyTorch")
+    results["torch"] = None
+    results["torch_skipped"] = why
+  else:
+    import torch
+    import transformers
+    info["torch"] = torch.__version__
+    info["transformers"] = transformers.__version__
+    info["torch_threads"] = args.threads
+    model = make_torch_model(model_cfg, args.threads)
+    n_torch = sum(p.numel() for p in model.parameters())
+    log(f"torch {torch.__version__} / transformers {transformers.__version__}, "
+        f"{args.threads} threads, HF T5 parameters: {n_torch:,}")
+    tres = {"num_params": n_torch}
+    train_batches = fixed_groups[full_len][:args.torch_train_steps + 1]
+    tres["train"] = bench_torch_train(model, train_batches, train_cfg.learning_rate,
+                                      train_cfg.weight_decay, train_cfg.grad_clip, full_len, peak)
+    users = min(args.torch_eval_users, len(split.valid))
+    tres["generate"] = bench_torch_generate(model, table, split.valid, item_tokens, users,
+                                            args.torch_eval_batch_size, args.beam, full_len, peak)
+    tres["ru_maxrss_mib_after_torch"] = ru_maxrss_mib()
+    results["torch"] = tres
+    j = results["jax"]
+    results["ratios"] = {
+        "train_samples_per_s_bucketed_vs_torch": (j["train_bucketed"]["samples_per_s"] /
+                                                  tres["train"]["samples_per_s"]),
+        "train_samples_per_s_fixed80_vs_torch": (j["train_fixed80"]["samples_per_s"] /
+                                                 tres["train"]["samples_per_s"]),
+        "beam_users_per_s_bucketed_vs_torch": (j["beam_bucketed"]["users_per_s"] /
+                                               tres["generate"]["users_per_s"]),
+    }
+    if "beam_fixed80" in j:
+      results["ratios"]["beam_users_per_s_fixed80_vs_torch"] = (
+          j["beam_fixed80"]["users_per_s"] / tres["generate"]["users_per_s"])
+    results["targets"] = {"train_ratio": 3.0, "beam_ratio": 30.0}
+
+  results["ru_maxrss_mib"] = ru_maxrss_mib()
+  results["peak_rss_resettable"] = peak.resettable
+  results["loadavg_at_end"] = loadavg()
+  results["total_s"] = time.perf_counter() - t_start
+  rows = table_rows(results)
+  results["table_markdown"] = markdown_table(rows)
+
+  widths = [max(len(r[i]) for r in rows + [("metric", "JAX", "torch", "JAX / torch")])
+            for i in range(4)]
+  print()
+  for r in [("metric", "JAX", "torch", "JAX / torch")] + rows:
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+  print()
+  mem = results["jax"]["memory"]
+  print(f"process peak RSS (ru_maxrss): {results['ru_maxrss_mib']:.0f} MiB; JAX device "
+        f"memory_stats: {mem['device_memory_stats'] or 'None (' + mem.get('device_memory_stats_note', '') + ')'}")
+  if results.get("torch") is None:
+    print(f"torch comparison skipped: {results.get('torch_skipped')}")
+  print(f"total {results['total_s']:.0f}s, load average at end {results['loadavg_at_end']}")
+  if args.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=1, default=str)
+    log(f"wrote {args.json_out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()
