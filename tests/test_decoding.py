@@ -40,9 +40,8 @@ def _brute_force_scores(model, inputs, table):
 
 def _search(model, inputs, table, beam, constrained=True):
   enc, mask = model.encode(inputs)
-  enc = jnp.repeat(enc, beam, axis=0)
-  mask = jnp.repeat(mask, beam, axis=0)
-  fn = lambda prefix: jax.nn.log_softmax(model.decode(enc, mask, prefix)[:, -1], -1)
+  memory = model.decoder_memory(enc)
+  fn = lambda prefix: jax.nn.log_softmax(model.decode(memory, mask, prefix)[:, -1], -1)
   trie = jax.tree.map(jnp.asarray, build_trie(table))
   return jax.jit(lambda: beam_search(fn, inputs.shape[0], trie, tuple(table.offsets.tolist()),
                                      table.level_sizes, beam, constrained=constrained))()

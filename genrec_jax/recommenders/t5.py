@@ -84,7 +84,12 @@ def _dense(din: int, dout: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class Attention(nnx.Module):
-  """Multi-head attention; mask [B, 1|H, Tq, Tk] bool and bias [1|B, H, Tq, Tk] additive."""
+  """Multi-head attention; mask [B, 1|H, Tq, Tk] bool and bias [1|B, H, Tq, Tk] additive.
+
+  Keys/values may belong to fewer rows than the queries: with queries [B * G, Tq] and keys
+  [B, Tk] (G beams of one example sharing its encoder output), the G query groups are folded
+  into the query axis, so memory keys/values are projected once per example, not per beam.
+  """
 
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
     inner = cfg.num_heads * cfg.d_kv
@@ -94,17 +99,24 @@ class Attention(nnx.Module):
     self.v = _dense(cfg.d_model, inner, cfg.d_model ** -0.5, rngs)
     self.o = _dense(inner, cfg.d_model, inner ** -0.5, rngs)
 
-  def __call__(self, x, memory, mask, bias, dropout_rate, key):
-    b, tq, _ = x.shape
-    tk = memory.shape[1]
-    heads = lambda y, t: y.reshape(b, t, self.num_heads, self.d_kv)
-    q, k, v = heads(self.q(x), tq), heads(self.k(memory), tk), heads(self.v(memory), tk)
+  def project_kv(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """memory [B, Tk, d_model] -> keys, values [B, Tk, H, d_kv]."""
+    b, t, _ = memory.shape
+    shape = (b, t, self.num_heads, self.d_kv)
+    return self.k(memory).reshape(shape), self.v(memory).reshape(shape)
+
+  def __call__(self, x, kv, mask, bias, dropout_rate, key):
+    k, v = kv
+    rows, tq, _ = x.shape
+    b = k.shape[0]
+    groups = rows // b
+    q = self.q(x).reshape(b, groups * tq, self.num_heads, self.d_kv)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, -1e9)
     weights = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, key)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, tq, -1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(rows, tq, -1)
     return self.o(out)
 
 
@@ -131,13 +143,13 @@ class Block(nnx.Module):
     self.ff_norm = RMSNorm(cfg.d_model)
     self.ff = FeedForward(cfg, rngs)
 
-  def __call__(self, x, self_mask, self_bias, key, memory=None, memory_mask=None):
+  def __call__(self, x, self_mask, self_bias, key, memory_kv=None, memory_mask=None):
     keys = _split(key, 6)
-    h = self.self_attn(self.self_norm(x), self.self_norm(x), self_mask, self_bias, self.rate,
-                       keys[0])
+    h = self.self_norm(x)
+    h = self.self_attn(h, self.self_attn.project_kv(h), self_mask, self_bias, self.rate, keys[0])
     x = x + dropout(h, self.rate, keys[1])
     if self.cross_attn is not None:
-      h = self.cross_attn(self.cross_norm(x), memory, memory_mask, None, self.rate, keys[2])
+      h = self.cross_attn(self.cross_norm(x), memory_kv, memory_mask, None, self.rate, keys[2])
       x = x + dropout(h, self.rate, keys[3])
     h = self.ff(self.ff_norm(x), self.rate, keys[4])
     return x + dropout(h, self.rate, keys[5])
@@ -160,13 +172,17 @@ class Stack(nnx.Module):
                                        self.cfg.relative_max_distance)
     return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
 
-  def __call__(self, x, self_mask, key, memory=None, memory_mask=None):
+  def memory_kv(self, memory: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Cross-attention keys/values of every block for encoder states [B, Tk, d_model]."""
+    return [block.cross_attn.project_kv(memory) for block in self.blocks]
+
+  def __call__(self, x, self_mask, key, memory_kv=None, memory_mask=None):
     t = x.shape[1]
     bias = self.position_bias(t, t)
     keys = _split(key, len(self.blocks) + 2)
     x = dropout(x, self.cfg.dropout_rate, keys[-2])
-    for block, k in zip(self.blocks, keys):
-      x = block(x, self_mask, bias, k, memory, memory_mask)
+    for i, (block, k) in enumerate(zip(self.blocks, keys)):
+      x = block(x, self_mask, bias, k, None if memory_kv is None else memory_kv[i], memory_mask)
     return dropout(self.final_norm(x), self.cfg.dropout_rate, keys[-1])
 
 
@@ -187,12 +203,23 @@ class T5(nnx.Module):
     states = self.encoder(self.embed(tokens), mask[:, None, None, :], key)
     return states, mask
 
-  def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_tokens: jax.Array,
+  def decoder_memory(self, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Per-block cross-attention keys/values of encoder states [B, T, d_model], computed once
+    and reused by every decoding step and every beam."""
+    return self.decoder.memory_kv(encoded)
+
+  def decode(self, memory, encoder_mask: jax.Array, decoder_tokens: jax.Array,
              key: jax.Array | None = None) -> jax.Array:
-    """Logits [B, S, vocab] for decoder inputs [B, S] (start token 0 first), causal."""
+    """Logits [B * G, S, vocab] for decoder inputs [B * G, S] (start token 0 first), causal.
+
+    `memory` is either encoder states [B, T, d_model] or their `decoder_memory`; G >= 1 decoder
+    rows per example (beams) share it, rows grouped by example.
+    """
+    if not isinstance(memory, list):
+      memory = self.decoder_memory(memory)
     s = decoder_tokens.shape[1]
     causal = jnp.tril(jnp.ones((s, s), bool))[None, None]
-    h = self.decoder(self.embed(decoder_tokens), causal, key, encoded,
+    h = self.decoder(self.embed(decoder_tokens), causal, key, memory,
                      encoder_mask[:, None, None, :])
     return (h * self.cfg.d_model ** -0.5) @ self.embed.embedding[...].T
 

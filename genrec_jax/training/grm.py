@@ -111,11 +111,10 @@ class GRMTrainer:
                   constrained):
     model = nnx.merge(self.graphdef, params)
     encoded, mask = model.encode(inputs)
-    encoded = jnp.repeat(encoded, beam_size, axis=0)
-    mask = jnp.repeat(mask, beam_size, axis=0)
+    memory = model.decoder_memory(encoded)  # once per user, shared by beams and steps
 
     def log_probs_fn(prefix):
-      return jax.nn.log_softmax(model.decode(encoded, mask, prefix)[:, -1], axis=-1)
+      return jax.nn.log_softmax(model.decode(memory, mask, prefix)[:, -1], axis=-1)
 
     items, _, scores = beam_search(log_probs_fn, inputs.shape[0], trie, offsets, level_sizes,
                                    beam_size, constrained=constrained)

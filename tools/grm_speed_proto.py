@@ -1,0 +1,305 @@
+"""Prototypes of faster GRM training and ranking, measured against the library (not library code).
+
+Everything here runs on the library's own modules and parameters (`genrec_jax.recommenders.t5`,
+`GRMTrainer`); nothing under genrec_jax/ is edited. Prototypes:
+
+  * `cheap_dropout`: dropout masks from 16 (or 8) random bits per element instead of one full
+    threefry2x32 hash per element (partitionable threefry evaluates the hash once per output
+    element whatever the width). Same keep probability up to 1/65536 (16 bits).
+  * `make_fast_rank`: trie-constrained beam search with the cross-attention keys/values of the
+    encoder computed once per user (not per beam and per step), beams grouped by user in the
+    cross-attention (no `jnp.repeat` of the encoder states), a self-attention K/V cache (each
+    step runs the decoder on the new position only) and a single decoder row per user at the
+    first step (all beams share the start token). Same search as `genrec_jax.decoding.beam_search`
+    (same candidate masking and top-k), so it ranks the same items.
+  * finer length buckets.
+
+  python tools/grm_speed_proto.py --json_out experiments/benchmarks/grm_proto_cpu_2core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_grm as bg  # noqa: E402  (also puts the repository on sys.path)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from genrec_jax.decoding.beam_search import NEG_INF  # noqa: E402
+from genrec_jax.recommenders import t5 as t5_module  # noqa: E402
+from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
+from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer  # noqa: E402
+from genrec_jax.training.sharding import make_mesh, shard_batch  # noqa: E402
+
+LIBRARY_DROPOUT = t5_module.dropout
+
+
+# ------------------------------------------------------------------------------------ dropout
+
+
+def cheap_dropout(bits: int = 16):
+  """Drop-in for `t5.dropout` drawing `bits` random bits per element (32 // bits per hash)."""
+  dtype = {8: jnp.uint8, 16: jnp.uint16}[bits]
+
+  def dropout(x, rate, key):
+    if key is None or rate == 0.0:
+      return x
+    n = x.size
+    per_word = 32 // bits
+    words = jax.random.bits(key, (-(-n // per_word),), jnp.uint32)
+    small = jax.lax.bitcast_convert_type(words, dtype).reshape(-1)[:n].reshape(x.shape)
+    keep = small >= jnp.asarray(int(round(rate * 2 ** bits)), dtype)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+  return dropout
+
+
+# -------------------------------------------------------------------------------- beam search
+
+
+def _heads(y, num_heads, d_kv):
+  return y.reshape(y.shape[:-1] + (num_heads, d_kv))
+
+
+def make_fast_rank(trainer: GRMTrainer):
+  """jit with the signature of `trainer._rank` (params, inputs, trie, *, static...)."""
+  graphdef = trainer.graphdef
+
+  def rank_batch(params, inputs, trie, *, offsets, level_sizes, beam_size, constrained):
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    nh, dk = cfg.num_heads, cfg.d_kv
+    encoded, mask = model.encode(inputs)                     # [B, T, d], [B, T]
+    b = inputs.shape[0]
+    dec = model.decoder
+    depth = len(level_sizes)
+    # Cross-attention keys / values: once per user and layer.
+    cross = [(_heads(blk.cross_attn.k(encoded), nh, dk), _heads(blk.cross_attn.v(encoded), nh, dk))
+             for blk in dec.blocks]
+    mem_mask = mask[:, None, None, :]                        # [B, 1, 1, T]
+    bias = dec.position_bias(depth, depth)[0]                # [H, depth, depth]
+    emb = model.embed.embedding[...]
+
+    def decoder_step(tok, pos, cache):
+      """tok int [B, n] at position pos -> (log-probs [B, n, V], cache with pos appended)."""
+      x = model.embed(tok)                                   # [B, n, d]
+      n = tok.shape[1]
+      new_cache = []
+      for layer, blk in enumerate(dec.blocks):
+        h = blk.self_norm(x)
+        q = _heads(blk.self_attn.q(h), nh, dk)               # [B, n, H, dk]
+        k = _heads(blk.self_attn.k(h), nh, dk)[:, :, None]   # [B, n, 1, H, dk]
+        v = _heads(blk.self_attn.v(h), nh, dk)[:, :, None]
+        if cache is not None:
+          k = jnp.concatenate([cache[layer][0], k], axis=2)  # [B, n, pos + 1, H, dk]
+          v = jnp.concatenate([cache[layer][1], v], axis=2)
+        new_cache.append((k, v))
+        logits = jnp.einsum("bnhd,bnshd->bnhs", q, k) + bias[None, None, :, pos, :pos + 1]
+        w = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bnhs,bnshd->bnhd", w, v).reshape(b, n, nh * dk)
+        x = x + blk.self_attn.o(out)
+        h = blk.cross_norm(x)
+        qc = _heads(blk.cross_attn.q(h), nh, dk)             # [B, n, H, dk]
+        kc, vc = cross[layer]                                # [B, T, H, dk]
+        logits = jnp.einsum("bnhd,bthd->bnht", qc, kc)
+        logits = jnp.where(mem_mask, logits, -1e9)
+        w = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bnht,bthd->bnhd", w, vc).reshape(b, n, nh * dk)
+        x = x + blk.cross_attn.o(out)
+        x = x + blk.ff(blk.ff_norm(x), 0.0, None)
+      h = dec.final_norm(x)
+      logp = jax.nn.log_softmax((h * cfg.d_model ** -0.5) @ emb.T, axis=-1)
+      return logp, new_cache
+
+    # The search of genrec_jax.decoding.beam_search, with the decoder state carried along.
+    scores = jnp.full((b, beam_size), NEG_INF).at[:, 0].set(0.0)
+    nodes = jnp.zeros((b, beam_size), jnp.int32)
+    tokens = jnp.zeros((b, beam_size, 0), jnp.int32)
+    cache = None
+    for pos in range(depth):
+      if pos == 0:  # every beam holds the start token: one decoder row per user
+        logp, cache = decoder_step(jnp.zeros((b, 1), jnp.int32), 0, None)
+        logp = jnp.broadcast_to(logp, (b, beam_size, logp.shape[-1]))
+        cache = [tuple(jnp.broadcast_to(t, (b, beam_size) + t.shape[2:]) for t in kv)
+                 for kv in cache]
+      else:
+        logp, cache = decoder_step(tokens[..., -1], pos, cache)
+      size = level_sizes[pos]
+      logp = logp[..., offsets[pos]:offsets[pos] + size]
+      child = trie.children[jnp.maximum(nodes, 0)][..., :size]
+      child = jnp.where(nodes[..., None] >= 0, child, -1)
+      candidate = scores[..., None] + logp
+      if constrained:
+        candidate = jnp.where(child >= 0, candidate, NEG_INF)
+      candidate = jnp.where(scores[..., None] <= NEG_INF / 2, NEG_INF, candidate)
+      scores, flat = jax.lax.top_k(candidate.reshape(b, -1), beam_size)
+      parent, symbol = flat // size, flat % size
+      nodes = jnp.take_along_axis(child.reshape(b, -1), flat, axis=1)
+      tokens = jnp.concatenate([
+          jnp.take_along_axis(tokens, parent[..., None], axis=1),
+          (symbol + offsets[pos])[..., None].astype(jnp.int32)], axis=-1)
+      if pos + 1 < depth:
+        idx = parent[:, :, None, None, None]
+        cache = [(jnp.take_along_axis(k, idx, axis=1), jnp.take_along_axis(v, idx, axis=1))
+                 for k, v in cache]
+    items = jnp.where((nodes >= 0) & (scores > NEG_INF / 2),
+                      trie.leaf_item[jnp.maximum(nodes, 0)], -1)
+    return items, scores
+
+  return jax.jit(rank_batch, static_argnames=("offsets", "level_sizes", "beam_size",
+                                              "constrained"))
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def time_train_variant(name, model_cfg, lengths, steps, dropout_fn, batch_size, seed=0):
+  """Median seconds per train step for random token batches of each length."""
+  t5_module.dropout = dropout_fn
+  try:
+    trainer = GRMTrainer(model_cfg, GRMTrainConfig(batch_size=batch_size), make_mesh(),
+                         seed=seed)
+    params = jax.tree.map(jnp.copy, trainer.init_params)
+    opt = trainer.init_opt_state(params)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(0)
+    out = {}
+    for length in lengths:
+      batch = shard_batch({
+          "inputs": rng.integers(1, model_cfg.vocab_size, (batch_size, length)).astype(np.int32),
+          "targets": rng.integers(1, model_cfg.vocab_size, (batch_size, 4)).astype(np.int32),
+          "weight": np.ones(batch_size, np.float32)}, trainer.mesh)
+      t0 = time.perf_counter()
+      compiled = trainer._train_step.lower(params, opt, batch, key).compile()
+      compile_s = time.perf_counter() - t0
+      times, cpu = [], []
+      for i in range(steps + 1):
+        c0, t0 = time.process_time(), time.perf_counter()
+        params, opt, loss = compiled(params, opt, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(loss)
+        if i:  # the first run is a warm-up
+          times.append(time.perf_counter() - t0)
+          cpu.append(time.process_time() - c0)
+      out[int(length)] = {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
+                          "all_s": [round(t, 3) for t in times],
+                          "cpu_per_wall": sum(cpu) / sum(times), "compile_s": compile_s,
+                          "loss": float(loss)}
+      bg.log(f"train {name}/{length} tokens: {out[int(length)]['median_s']:.2f}s"
+             f" median ({out[int(length)]['all_s']}), cpu/wall "
+             f"{out[int(length)]['cpu_per_wall']:.2f}")
+    return out
+  finally:
+    t5_module.dropout = LIBRARY_DROPOUT
+
+
+def epoch_estimate(step_s: dict[int, float], lengths: np.ndarray, batch_size: int,
+                   buckets: tuple[int, ...], depth: int) -> dict:
+  """samples/s of one epoch with these buckets, from per-shape step seconds."""
+  which = bg.bucket_of(lengths, buckets)
+  batches = {b * depth: int(np.ceil((which == i).sum() / batch_size))
+             for i, b in enumerate(sorted(buckets)) if (which == i).any()}
+  seconds = sum(n * step_s[t] for t, n in batches.items())
+  tokens = sum(sorted(buckets)[w] * depth for w in which) / len(lengths)
+  return {"samples_per_s": len(lengths) / seconds, "epoch_s": seconds,
+          "batches_by_tokens": batches, "mean_input_tokens": float(tokens)}
+
+
+def interpolate(step_s: dict[int, float], length: int) -> float:
+  xs = sorted(step_s)
+  return float(np.interp(length, xs, [step_s[x] for x in xs]))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", choices=sorted(bg.PRESETS), default="dact")
+  p.add_argument("--data", default=bg.DEFAULT_DATA)
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--train_lengths", default="16,80", help="token lengths for train variants")
+  p.add_argument("--train_steps", type=int, default=3)
+  p.add_argument("--variants", default="library,no_dropout,bits16,bits8")
+  p.add_argument("--eval_users", type=int, default=512)
+  p.add_argument("--beam", type=int, default=20)
+  p.add_argument("--skip_train", action="store_true")
+  p.add_argument("--skip_beam", action="store_true")
+  p.add_argument("--fine_buckets", default="2,3,4,5,6,8,10,13,16,20")
+  p.add_argument("--json_out", default=None)
+  args = p.parse_args(argv)
+
+  split, table = bg.load_data(args.data, 0)
+  item_tokens = table.item_tokens(split.num_items)
+  model_cfg = T5Config(table.vocab_size, **bg.PRESETS[args.model])
+  results = {"args": vars(args), "machine": bg.machine_info()}
+
+  if not args.skip_train:
+    lengths = [int(x) for x in args.train_lengths.split(",")]
+    fns = {"library": LIBRARY_DROPOUT, "bits16": cheap_dropout(16), "bits8": cheap_dropout(8)}
+    train = {}
+    for variant in args.variants.split(","):
+      if variant == "no_dropout":
+        cfg, fn = T5Config(table.vocab_size, **{**bg.PRESETS[args.model], "dropout_rate": 0.0}), \
+            LIBRARY_DROPOUT
+      else:
+        cfg, fn = model_cfg, fns[variant]
+      train[variant] = time_train_variant(variant, cfg, lengths, args.train_steps, fn,
+                                          args.batch_size)
+    results["train_step_s"] = train
+    # Bucket schemes, from the per-length step times (linear interpolation between lengths).
+    depth = table.depth
+    schemes = {"library": GRMTrainConfig().length_buckets,
+               "fine": tuple(int(x) for x in args.fine_buckets.split(",")),
+               "fixed80": (bg.MAX_HISTORY,)}
+    est = {}
+    for variant, per_len in train.items():
+      med = {k: v["median_s"] for k, v in per_len.items()}
+      for name, buckets in schemes.items():
+        step_s = {b * depth: interpolate(med, b * depth) for b in buckets}
+        est[f"{variant}/{name}"] = epoch_estimate(step_s, split.train.lengths, args.batch_size,
+                                                  buckets, depth)
+    results["epoch_estimates"] = est
+    for k, v in est.items():
+      bg.log(f"epoch estimate {k}: {v['samples_per_s']:.1f} samples/s, mean "
+             f"{v['mean_input_tokens']:.1f} tokens")
+
+  if not args.skip_beam:
+    trainer = GRMTrainer(model_cfg, GRMTrainConfig(), make_mesh())
+    groups = bg.valid_batches(split.valid, item_tokens, 256, GRMTrainConfig().length_buckets)
+    peak = bg.PeakRSS()
+    beam = {}
+    ranked = {}
+    for name, fn in [("fast", make_fast_rank(trainer)), ("library", None)]:
+      res = bg.bench_jax_beam(trainer, table, groups, args.eval_users, args.beam,
+                              f"beam {name}", peak, {}, rank_fn=fn)
+      ranked[name] = res.pop("_ranked")
+      beam[name] = res
+    same = [np.mean(np.all(a[1][a[0] >= 0] == b[1][b[0] >= 0], axis=1))
+            for a, b in zip(ranked["fast"], ranked["library"])]
+    top1 = [np.mean(a[1][a[0] >= 0][:, 0] == b[1][b[0] >= 0][:, 0])
+            for a, b in zip(ranked["fast"], ranked["library"])]
+    beam["identical_rankings_fraction"] = float(np.mean(same))
+    beam["identical_top1_fraction"] = float(np.mean(top1))
+    beam["speedup"] = beam["fast"]["users_per_s"] / beam["library"]["users_per_s"]
+    bg.log(f"fast beam search: {beam['speedup']:.1f}x the library, identical rankings for "
+           f"{beam['identical_rankings_fraction']:.4f} of users (top-1 "
+           f"{beam['identical_top1_fraction']:.4f})")
+    results["beam"] = beam
+
+  if args.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=1, default=str)
+    bg.log(f"wrote {args.json_out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()
