@@ -50,11 +50,13 @@ class StaticSplit:
     num_items: int
 
 
-def _samples(
+def samples_for_rows(
     inter: Interactions, rows: np.ndarray, start: np.ndarray, max_history: int
 ) -> SampleSet:
-    """Samples whose targets are the rows `rows` [S] of `inter`; `start` [U] is each user's
-    first row. History column j holds row r - H + j when it belongs to the same user."""
+    """Samples whose targets are the rows `rows` [S] of `inter` (sorted by user, then time);
+    `start` [U] is each user's first row. History column j holds row r - H + j when it
+    belongs to the same user, so a history is the user's whole past, truncated to the last
+    H = max_history items."""
     idx = rows[:, None] - max_history + np.arange(max_history)[None, :]
     valid = idx >= start[inter.user[rows]][:, None]
     history = np.where(valid, inter.item[np.maximum(idx, 0)], PAD).astype(np.int32)
@@ -87,9 +89,9 @@ def leave_one_out(inter: Interactions, max_history: int) -> StaticSplit:
     first = rows == start[inter.user]
     train_rows = rows[~first & (pos_from_end >= 3)]
     return StaticSplit(
-        train=_samples(inter, train_rows, start, max_history),
-        valid=_samples(inter, end - 2, start, max_history),
-        test=_samples(inter, end - 1, start, max_history),
+        train=samples_for_rows(inter, train_rows, start, max_history),
+        valid=samples_for_rows(inter, end - 2, start, max_history),
+        test=samples_for_rows(inter, end - 1, start, max_history),
         num_items=inter.num_items,
     )
 
