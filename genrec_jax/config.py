@@ -17,7 +17,7 @@ SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run, with the TIGER/DACT paper settings as defaults."""
   c = ml_collections.ConfigDict()
-  c.method = "tiger"  # "tiger" | "letter" | "sasrec": which pipeline to run.
+  c.method = "tiger"  # "tiger" | "letter" | "sasrec" | "continual" (DACT + baselines).
   c.seed = 0  # Seeds every random choice (init, batch order, dropout): same seed, same numbers.
 
   c.data = ml_collections.ConfigDict()
@@ -89,6 +89,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.grm.patience = 15  # Evaluations without improvement before early stopping.
   c.grm.max_train_minutes = 0.0  # Stop training after this many minutes (0 = no limit).
   c.grm.select_metric = "ndcg@10"  # Validation metric of model selection.
+
+  c.continual = ml_collections.ConfigDict()  # Used by method "continual" (DACT and baselines).
+  c.continual.methods = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer",
+                         "dact")  # Rows of the DACT table to run, in this order.
+  c.continual.fractions = (0.6, 0.7, 0.8, 0.9)  # Cumulative cut points of D0..D4.
+  c.continual.cf_finetune_epochs = 10  # SASRec fine-tuning epochs on each D_t.
+  c.continual.finetune_epochs = 200  # GRM fine-tuning epoch budget per period (FT rules).
+  c.continual.finetune_eval_every = 1  # Epochs between validations while adapting.
+  c.continual.patience = 15  # Early-stopping patience while adapting (evaluations).
+  c.continual.retrain_epochs = 200  # GRM epoch budget of "retrain from scratch" (RT).
+  c.continual.dact = ml_collections.ConfigDict()  # Tokenizer fine-tuning (naive FT and DACT).
+  c.continual.dact.rho = 0.3  # Fraction of each batch treated as drifting (top-rho of g).
+  c.continual.dact.tau = 0.1  # CDIM attention temperature.
+  c.continual.dact.num_slots = 32  # CDIM memory slots.
+  c.continual.dact.value_dim = 64  # CDIM value-slot size.
+  c.continual.dact.cdim_hidden = 32  # CDIM output MLP width.
+  c.continual.dact.stationary_weight = 0.1  # lambda_s, weight of the stationary-path loss.
+  c.continual.dact.anchor_weight = 1.0  # Weight of mse(z_old, o) in the stationary loss.
+  c.continual.dact.kl_weight = 5.0  # lambda_g, level-1 stability KL weight.
+  c.continual.dact.kl_temperature = 1.0  # T of the level-1 code distributions.
+  c.continual.dact.kl_average_over_codes = True  # Divide the KL by K (official code).
+  c.continual.dact.confidence_weight = 1e-3  # Weight of mean(g^2).
+  c.continual.dact.cf_weight = 0.02  # alpha, collaborative InfoNCE weight when fine-tuning.
+  c.continual.dact.steps = 5000  # Tokenizer fine-tuning steps per period.
+  c.continual.dact.batch_size = 1024  # Items per fine-tuning batch.
+  c.continual.dact.learning_rate = 1e-4  # AdamW learning rate.
+  c.continual.dact.weight_decay = 1e-4  # AdamW weight decay.
+  c.continual.dact.warmup_steps = 50  # Linear warm-up, then linear decay to 0.
+  c.continual.dact.grad_clip = 1.0  # Global gradient-norm clipping.
+  c.continual.dact.log_every = 500  # Steps between progress lines.
   return c
 
 
@@ -124,4 +154,11 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   c.grm.patience = 3
   c.grm.max_train_minutes = 8.0
   c.grm.eval_batch_size = 512
+  c.continual.cf_finetune_epochs = 3
+  c.continual.finetune_epochs = 6
+  c.continual.finetune_eval_every = 2
+  c.continual.patience = 2
+  c.continual.retrain_epochs = 6
+  c.continual.dact.steps = 300
+  c.continual.dact.log_every = 100
   return c

@@ -8,7 +8,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from genrec_jax.logs import setup_logging
-from genrec_jax.pipelines import static
+from genrec_jax.pipelines import continual, static
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally `path:preset`.",
@@ -21,7 +21,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup_logging()
-  static.run(FLAGS.config, FLAGS.workdir)
+  if FLAGS.config.method == "continual":
+    continual.run(FLAGS.config, FLAGS.workdir)
+  else:
+    static.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -54,7 +55,8 @@ from genrec_jax.data.splits import SampleSet  # noqa: E402
 from genrec_jax.decoding.trie import build_trie  # noqa: E402
 from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
 from genrec_jax.tokenizers.identifiers import assign_dedup, one_to_one_table  # noqa: E402
-from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer, sample_batches  # noqa: E402
+from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, history_tokens,  # noqa: E402
+                                     sample_batches)
 from genrec_jax.training.sharding import make_mesh, replicate, shard_batch  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/amazon2014/toys/interactions.csv"
@@ -186,98 +188,207 @@ def pick(groups: dict[int, list], total: int) -> dict[int, list]:
 
 
 class Timings:
-  """Wall and process-CPU seconds of timed calls, grouped by input length (tokens).
+  """Wall and process-CPU seconds of timed units, grouped by input length (tokens).
 
   cpu / wall tells how many cores the process really had: about --threads when the machine was
-  free, less when other processes took cores (then the wall times overstate the library's cost).
+  free, less when other processes took cores (then wall times overstate the library's cost).
   """
 
   def __init__(self):
     self.wall: dict[int, list[float]] = collections.defaultdict(list)
     self.cpu: dict[int, list[float]] = collections.defaultdict(list)
+    self.units = 0
 
-  def time(self, length: int, fn):
+  def time(self, length: int, fn) -> None:
     c0, t0 = time.process_time(), time.perf_counter()
-    out = fn()
+    self.units += fn()
     self.wall[length].append(time.perf_counter() - t0)
     self.cpu[length].append(time.process_time() - c0)
-    return out
 
-  def summary(self, groups: dict[int, list], unit: str) -> dict:
-    """Full-pass throughput (median and mean per shape) and per-shape statistics."""
-    counts = {k: len(v) for k, v in groups.items()}
-    units = {k: float(sum(real_rows(idx) for _, idx in v)) for k, v in groups.items()}
-    missing = sorted(set(counts) - set(self.wall))
-    if missing:
-      raise ValueError(f"no timed batch of lengths {missing}")
-    rate, seconds = weighted_throughput(self.wall, counts, units, np.median)
-    rate_mean, seconds_mean = weighted_throughput(self.wall, counts, units, np.mean)
+  def summary(self, groups: dict[int, list] | None, unit: str) -> dict:
+    """Throughput from the median time per shape, weighted by the batches of a full pass
+    (`groups`; None: the timed units themselves), plus per-shape statistics."""
     wall_all = sum(sum(v) for v in self.wall.values())
     cpu_all = sum(sum(v) for v in self.cpu.values())
-    return {
-        f"{unit}_per_s": rate,
-        "batches_per_s": sum(counts.values()) / seconds,
-        "full_pass_s": seconds,
-        f"{unit}_per_s_mean": rate_mean,
-        "full_pass_s_mean": seconds_mean,
-        "full_pass_batches": sum(counts.values()),
-        f"full_pass_{unit}": int(sum(units.values())),
-        "mean_input_tokens": float(sum(k * units[k] for k in units) / sum(units.values())),
-        "batches_by_tokens": {int(k): counts[k] for k in sorted(counts)},
+    out = {}
+    if groups is not None:
+      counts = {k: len(v) for k, v in groups.items()}
+      units = {k: float(sum(real_rows(idx) for _, idx in v)) for k, v in groups.items()}
+      missing = sorted(set(counts) - set(self.wall))
+      if missing:
+        raise ValueError(f"no timed batch of lengths {missing}")
+      rate, seconds = weighted_throughput(self.wall, counts, units, np.median)
+      rate_mean, _ = weighted_throughput(self.wall, counts, units, np.mean)
+      out.update({
+          f"{unit}_per_s": rate, "batches_per_s": sum(counts.values()) / seconds,
+          f"{unit}_per_s_mean": rate_mean, "full_pass_s": seconds,
+          "full_pass_batches": sum(counts.values()), f"full_pass_{unit}": int(sum(units.values())),
+          "mean_input_tokens": float(sum(k * units[k] for k in units) / sum(units.values())),
+          "batches_by_tokens": {int(k): counts[k] for k in sorted(counts)}})
+    else:
+      n = sum(len(v) for v in self.wall.values())
+      median = float(np.median([x for v in self.wall.values() for x in v]))
+      out.update({f"{unit}_per_s": self.units / n / median, "batches_per_s": 1.0 / median,
+                  f"{unit}_per_s_mean": self.units / wall_all})
+    out.update({
+        "timed_units": self.units,
         "median_s_by_tokens": {int(k): float(np.median(v)) for k, v in sorted(self.wall.items())},
         "min_s_by_tokens": {int(k): float(np.min(v)) for k, v in sorted(self.wall.items())},
-        "timed_by_tokens": {int(k): len(v) for k, v in sorted(self.wall.items())},
-        "wall_s_all": {int(k): [round(x, 4) for x in v] for k, v in sorted(self.wall.items())},
-        "cpu_per_wall": cpu_all / max(wall_all, 1e-9),
-    }
+        "wall_s_all": {int(k): [round(x, 3) for x in v] for k, v in sorted(self.wall.items())},
+        "cpu_per_wall": cpu_all / max(wall_all, 1e-9)})
+    return out
 
 
-def bench_jax_train(trainer: GRMTrainer, groups, measured, label, compiled_cache, peak):
-  """Times every measured step (AOT-compiled once per shape, one warm-up step)."""
-  params = jax.tree.map(jnp.copy, trainer.init_params)
-  opt_state = trainer.init_opt_state(params)
-  key = jax.random.key(0)
-  mesh = trainer.mesh
-  compile_s = {}
-  for length, batches in sorted(measured.items()):
-    if length not in compiled_cache:
-      batch = shard_batch(batches[0][0], mesh)
+@dataclasses.dataclass
+class Phase:
+  """Units of work of one measurement, each timed on its own.
+
+  units: (input length, fn() -> number of samples / users done); warmup: fn run once before
+  timing, under a fresh peak-RSS window; groups: batches of a full pass, for the weighting.
+  """
+
+  name: str
+  unit: str
+  units: list
+  warmup: object = None
+  groups: dict | None = None
+  timings: Timings = dataclasses.field(default_factory=Timings)
+  peak_rss_mib: float | None = None
+  loadavg: list = dataclasses.field(default_factory=list)
+
+  def summary(self) -> dict:
+    res = self.timings.summary(self.groups, self.unit)
+    res.update({"peak_rss_mib": self.peak_rss_mib, "loadavg_during": self.loadavg})
+    if self.unit == "samples":
+      res["steps_per_s"] = res.pop("batches_per_s")
+    else:
+      res.pop("batches_per_s")
+    return res
+
+
+def run_phases(phases: list[Phase], interleave: bool, peak: PeakRSS) -> None:
+  """Warm-ups (one peak-RSS window each), then the timed units: round-robin over the phases
+  when interleaving (so that every phase sees the same load on a shared machine), else each
+  phase in turn."""
+  for ph in phases:
+    if ph.warmup is not None:
+      peak.start()
       t0 = time.perf_counter()
-      lowered = trainer._train_step.lower(params, opt_state, batch, key)
-      t1 = time.perf_counter()
-      compiled_cache[length] = lowered.compile()
-      t2 = time.perf_counter()
-      compile_s[length] = {"trace_s": t1 - t0, "compile_s": t2 - t1}
-      log(f"{label}: compiled train step for {length} tokens in {t2 - t0:.1f}s")
-  warm = min(measured)
-  params, opt_state, loss = compiled_cache[warm](params, opt_state,
-                                                 shard_batch(measured[warm][0][0], mesh), key)
-  jax.block_until_ready(loss)
-  order = [(length, bi) for length, batches in measured.items() for bi in batches]
-  perm = np.random.default_rng(1).permutation(len(order))
-  timings = Timings()
-  peak.start()
-  load0 = loadavg()
-  for i in perm:
-    length, (batch, idx) = order[i]
+      ph.warmup()
+      ph.peak_rss_mib = peak.peak_mib()
+      log(f"{ph.name}: warm-up {time.perf_counter() - t0:.1f}s, peak RSS {ph.peak_rss_mib} MiB")
+  queues = [collections.deque(ph.units) for ph in phases]
+  order = []
+  if interleave:
+    while any(queues):
+      for ph, q in zip(phases, queues):
+        if q:
+          order.append((ph, q.popleft()))
+  else:
+    order = [(ph, u) for ph, q in zip(phases, queues) for u in q]
+  for ph, (length, fn) in order:
+    ph.loadavg.append(loadavg()[0] if loadavg() else None)
+    ph.timings.time(length, fn)
+  for ph in phases:
+    log(f"{ph.name}: {ph.summary()[ph.unit + '_per_s']:.2f} {ph.unit}/s, cpu/wall "
+        f"{ph.timings.summary(ph.groups, ph.unit)['cpu_per_wall']:.2f}, median s by tokens "
+        f"{ph.timings.summary(ph.groups, ph.unit)['median_s_by_tokens']}")
 
-    def step():
-      out = compiled_cache[length](params, opt_state, shard_batch(batch, mesh),
-                                   jax.random.fold_in(key, int(i)))
-      return jax.block_until_ready(out)
 
-    params, opt_state, loss = timings.time(length, step)
-  if not np.isfinite(float(loss)):
-    raise FloatingPointError(f"{label}: non-finite loss {float(loss)}")
-  res = timings.summary(groups, "samples")
-  res["steps_per_s"] = res.pop("batches_per_s")
-  res.update({"compile_by_tokens": {int(k): v for k, v in compile_s.items()},
-              "peak_rss_mib": peak.peak_mib(), "loadavg_start": load0,
-              "loadavg_end": loadavg(), "final_loss": float(loss)})
-  log(f"{label}: {res['samples_per_s']:.1f} samples/s, {res['steps_per_s']:.3f} steps/s, "
-      f"cpu/wall {res['cpu_per_wall']:.2f} (median step s by tokens "
-      f"{({k: round(v, 2) for k, v in res['median_s_by_tokens'].items()})})")
-  return res
+# ---------------------------------------------------------------------------------- JAX parts
+
+
+class JaxTrain:
+  """Train state + AOT-compiled `GRMTrainer._train_step` per input length."""
+
+  def __init__(self, trainer: GRMTrainer, compiled: dict):
+    self.trainer, self.compiled = trainer, compiled
+    self.params = jax.tree.map(jnp.copy, trainer.init_params)
+    self.opt_state = trainer.init_opt_state(self.params)
+    self.key = jax.random.key(0)
+    self.steps = 0
+    self.compile_s: dict[int, dict] = {}
+
+  def compile(self, batch: dict) -> None:
+    length = batch["inputs"].shape[1]
+    if length in self.compiled:
+      return
+    sharded = shard_batch(batch, self.trainer.mesh)
+    t0 = time.perf_counter()
+    lowered = self.trainer._train_step.lower(self.params, self.opt_state, sharded, self.key)
+    t1 = time.perf_counter()
+    self.compiled[length] = lowered.compile()
+    t2 = time.perf_counter()
+    self.compile_s[length] = {"trace_s": t1 - t0, "compile_s": t2 - t1}
+    log(f"compiled train step for {length} tokens in {t2 - t0:.1f}s")
+
+  def step(self, batch: dict, idx: np.ndarray) -> int:
+    self.steps += 1
+    out = self.compiled[batch["inputs"].shape[1]](
+        self.params, self.opt_state, shard_batch(batch, self.trainer.mesh),
+        jax.random.fold_in(self.key, self.steps))
+    self.params, self.opt_state, loss = jax.block_until_ready(out)
+    self.loss = float(loss)
+    if not np.isfinite(self.loss):
+      raise FloatingPointError(f"non-finite loss {self.loss}")
+    return real_rows(idx)
+
+
+class JaxRank:
+  """AOT-compiled beam search (`GRMTrainer._rank`, or a replacement) per input length."""
+
+  def __init__(self, trainer: GRMTrainer, table, beam: int, compiled: dict, rank_fn=None):
+    self.trainer, self.compiled = trainer, compiled
+    self.rank_fn = rank_fn or trainer._rank
+    self.params = trainer.init_params
+    self.trie = replicate(jax.tree.map(jnp.asarray, build_trie(table)), trainer.mesh)
+    self.static = dict(offsets=tuple(int(o) for o in table.offsets),
+                       level_sizes=tuple(table.level_sizes), beam_size=beam,
+                       constrained=trainer.cfg.constrained)
+    self.compile_s: dict[int, float] = {}
+    self.ranked: list = []
+
+  def _inputs(self, batch):
+    return shard_batch({"inputs": batch["inputs"]}, self.trainer.mesh)["inputs"]
+
+  def compile(self, batch: dict) -> None:
+    length = batch["inputs"].shape[1]
+    if length in self.compiled:
+      return
+    t0 = time.perf_counter()
+    self.compiled[length] = self.rank_fn.lower(self.params, self._inputs(batch), self.trie,
+                                               **self.static).compile()
+    self.compile_s[length] = time.perf_counter() - t0
+    log(f"compiled beam search for {length} tokens in {self.compile_s[length]:.1f}s")
+
+  def rank(self, batch: dict, idx: np.ndarray, keep: bool = False) -> int:
+    items, _ = self.compiled[batch["inputs"].shape[1]](self.params, self._inputs(batch),
+                                                       self.trie)
+    items = np.asarray(jax.device_get(items))
+    if keep:
+      self.ranked.append((idx, items))
+    return real_rows(idx)
+
+
+def jax_train_phase(name, state: JaxTrain, groups, measured) -> Phase:
+  for batches in measured.values():
+    state.compile(batches[0][0])
+  units = [(length, functools.partial(state.step, *bi))
+           for length, batches in measured.items() for bi in batches]
+  units = [units[i] for i in np.random.default_rng(1).permutation(len(units))]
+  largest = max(measured)
+  return Phase(name, "samples", units, groups=groups,
+               warmup=functools.partial(state.step, *measured[largest][0]))
+
+
+def jax_rank_phase(name, state: JaxRank, groups, measured, keep=False) -> Phase:
+  for batches in measured.values():
+    state.compile(batches[0][0])
+  units = [(length, functools.partial(state.rank, *bi, keep=keep))
+           for length, batches in sorted(measured.items()) for bi in batches]
+  largest = max(measured)
+  return Phase(name, "users", units, groups=groups,
+               warmup=functools.partial(state.rank, *measured[largest][0]))
 
 
 def valid_batches(samples: SampleSet, item_tokens, batch_size, buckets):
@@ -287,55 +398,7 @@ def valid_batches(samples: SampleSet, item_tokens, batch_size, buckets):
   return dict(groups)
 
 
-def bench_jax_beam(trainer: GRMTrainer, table, groups, eval_users, beam, label, peak,
-                   compiled_cache, rank_fn=None):
-  """Users/s of the jitted constrained beam search (the body of GRMTrainer.rank).
-
-  rank_fn: optional replacement of `trainer._rank` with the same signature (prototypes).
-  """
-  rank_fn = rank_fn or trainer._rank
-  mesh = trainer.mesh
-  params = trainer.init_params
-  trie = replicate(jax.tree.map(jnp.asarray, build_trie(table)), mesh)
-  static = dict(offsets=tuple(int(o) for o in table.offsets),
-                level_sizes=tuple(table.level_sizes), beam_size=beam,
-                constrained=trainer.cfg.constrained)
-  n_batches = max(1, int(round(eval_users / trainer.cfg.eval_batch_size)))
-  measured = pick(groups, n_batches)
-  compile_s = {}
-  for length, batches in sorted(measured.items()):
-    if length not in compiled_cache:
-      inputs = shard_batch({"inputs": batches[0][0]["inputs"]}, mesh)["inputs"]
-      t0 = time.perf_counter()
-      compiled_cache[length] = rank_fn.lower(params, inputs, trie, **static).compile()
-      compile_s[length] = time.perf_counter() - t0
-      log(f"{label}: compiled beam search for {length} tokens in {compile_s[length]:.1f}s")
-  timings = Timings()
-  peak.start()
-  load0 = loadavg()
-  results = []
-  for length, batches in sorted(measured.items()):
-    for batch, idx in batches:
-
-      def run():
-        inputs = shard_batch({"inputs": batch["inputs"]}, mesh)["inputs"]
-        items, _ = compiled_cache[length](params, inputs, trie)
-        return np.asarray(jax.device_get(items))
-
-      results.append((idx, timings.time(length, run)))
-  res = timings.summary(groups, "users")
-  res.pop("batches_per_s")
-  res.update({"compile_s_by_tokens": {int(k): v for k, v in compile_s.items()},
-              "peak_rss_mib": peak.peak_mib(), "loadavg_start": load0,
-              "loadavg_end": loadavg()})
-  log(f"{label}: {res['users_per_s']:.1f} users/s, cpu/wall {res['cpu_per_wall']:.2f} "
-      f"(median batch s by tokens "
-      f"{({k: round(v, 2) for k, v in res['median_s_by_tokens'].items()})})")
-  res["_ranked"] = results
-  return res
-
-
-def jax_memory(trainer: GRMTrainer, compiled_train) -> dict:
+def jax_memory(compiled_train: dict) -> dict:
   out = {}
   try:
     stats = jax.devices()[0].memory_stats()
@@ -369,6 +432,7 @@ def torch_available() -> tuple[bool, str]:
 
 
 def make_torch_model(cfg: T5Config, threads: int):
+  """HF T5ForConditionalGeneration of the same size (DACT/LETTER/TIGER setup)."""
   import torch
   import transformers
   torch.set_num_threads(threads)
@@ -391,50 +455,28 @@ def pad_to(inputs: np.ndarray, length: int) -> np.ndarray:
   return np.pad(inputs, ((0, 0), (length - inputs.shape[1], 0)))
 
 
-def bench_torch_train(model, batches, lr, weight_decay, grad_clip, full_len, peak):
-  import torch
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+class TorchTrain:
+  """Teacher-forced training with AdamW + grad clipping on batches padded to a fixed length."""
 
-  def step(batch, idx):
-    inputs = torch.from_numpy(pad_to(batch["inputs"], full_len).astype(np.int64))
+  def __init__(self, model, lr, weight_decay, grad_clip, full_len):
+    import torch
+    self.torch, self.model = torch, model
+    self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    self.grad_clip, self.full_len = grad_clip, full_len
+
+  def step(self, batch, idx) -> int:
+    torch = self.torch
+    self.model.train()
+    inputs = torch.from_numpy(pad_to(batch["inputs"], self.full_len).astype(np.int64))
     labels = torch.from_numpy(batch["targets"].astype(np.int64))
     labels[torch.from_numpy(idx < 0)] = -100
-    out = model(input_ids=inputs, attention_mask=(inputs > 0).long(), labels=labels)
+    out = self.model(input_ids=inputs, attention_mask=(inputs > 0).long(), labels=labels)
     out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return out.loss.item()
-
-  step(*batches[0])  # warm-up
-  peak.start()
-  load0 = loadavg()
-  timings = Timings()
-  samples = 0
-  for batch, idx in batches[1:]:
-    loss = timings.time(full_len, lambda: step(batch, idx))
-    samples += real_rows(idx)
-  times = timings.wall[full_len]
-  median = float(np.median(times))
-  res = {
-      "samples_per_s": samples / len(times) / median,
-      "steps_per_s": 1.0 / median,
-      "samples_per_s_mean": samples / sum(times),
-      "median_step_s": median,
-      "min_step_s": float(np.min(times)),
-      "wall_s_all": [round(x, 4) for x in times],
-      "cpu_per_wall": sum(timings.cpu[full_len]) / sum(times),
-      "timed_steps": len(times),
-      "input_tokens": full_len,
-      "peak_rss_mib": peak.peak_mib(),
-      "loadavg_start": load0,
-      "loadavg_end": loadavg(),
-      "final_loss": loss,
-  }
-  log(f"torch train: {res['samples_per_s']:.1f} samples/s ({median:.2f} s/step median, "
-      f"cpu/wall {res['cpu_per_wall']:.2f})")
-  return res
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    self.loss = out.loss.item()
+    return real_rows(idx)
 
 
 def dict_trie(table) -> dict[tuple[int, ...], list[int]]:
@@ -446,55 +488,31 @@ def dict_trie(table) -> dict[tuple[int, ...], list[int]]:
   return {k: sorted(v) for k, v in trie.items()}
 
 
-def bench_torch_generate(model, table, samples: SampleSet, item_tokens, users, batch_size,
-                         beam, full_len, peak):
-  import torch
-  from genrec_jax.training.grm import history_tokens
-  model.eval()
-  trie = dict_trie(table)
+class TorchGenerate:
+  """HF generate(num_beams=B, num_return_sequences=B, prefix_allowed_tokens_fn=<dict trie>)."""
 
-  def allowed(batch_id, sent):  # sent: decoder start token 0, then generated tokens
-    return trie.get(tuple(sent.tolist()[1:]), [])
+  def __init__(self, model, table, beam, full_len):
+    import torch
+    self.torch, self.model, self.beam, self.full_len = torch, model, beam, full_len
+    self.depth = table.depth
+    self.trie = dict_trie(table)
+    self.output_shape = None
 
-  inputs_all = history_tokens(samples.history[:users], item_tokens)
-  inputs_all = pad_to(inputs_all, full_len)
+  def allowed(self, batch_id, sent):  # sent: decoder start token 0, then generated tokens
+    return self.trie.get(tuple(sent.tolist()[1:]), [])
 
-  def run(x):
-    x = torch.from_numpy(x.astype(np.int64))
+  def generate(self, inputs: np.ndarray) -> int:
+    torch = self.torch
+    self.model.eval()
+    x = torch.from_numpy(pad_to(inputs, self.full_len).astype(np.int64))
     with torch.inference_mode():
-      return model.generate(input_ids=x, attention_mask=(x > 0).long(), num_beams=beam,
-                            num_return_sequences=beam, max_new_tokens=table.depth,
-                            min_new_tokens=table.depth, do_sample=False, early_stopping=False,
-                            prefix_allowed_tokens_fn=allowed, decoder_start_token_id=0,
-                            pad_token_id=0, eos_token_id=None)
-
-  run(inputs_all[:min(batch_size, 8)])  # warm-up
-  peak.start()
-  load0 = loadavg()
-  c0, t0 = time.process_time(), time.perf_counter()
-  out = None
-  batch_s = []
-  for s in range(0, users, batch_size):
-    tb = time.perf_counter()
-    out = run(inputs_all[s:s + batch_size])
-    batch_s.append(time.perf_counter() - tb)
-  wall = time.perf_counter() - t0
-  res = {
-      "users_per_s": users / wall,
-      "batch_s_all": [round(x, 4) for x in batch_s],
-      "cpu_per_wall": (time.process_time() - c0) / wall,
-      "users": users,
-      "batch_size": batch_size,
-      "seconds": wall,
-      "output_shape": list(out.shape),
-      "input_tokens": full_len,
-      "peak_rss_mib": peak.peak_mib(),
-      "loadavg_start": load0,
-      "loadavg_end": loadavg(),
-  }
-  log(f"torch generate: {res['users_per_s']:.2f} users/s ({users} users in {wall:.1f}s, "
-      f"cpu/wall {res['cpu_per_wall']:.2f})")
-  return res
+      out = self.model.generate(
+          input_ids=x, attention_mask=(x > 0).long(), num_beams=self.beam,
+          num_return_sequences=self.beam, max_new_tokens=self.depth, min_new_tokens=self.depth,
+          do_sample=False, early_stopping=False, prefix_allowed_tokens_fn=self.allowed,
+          decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)
+    self.output_shape = list(out.shape)
+    return inputs.shape[0]
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -547,28 +565,25 @@ def table_rows(res: dict) -> list[tuple[str, str, str, str]]:
     rows.append((name, fmt(jv, digits), fmt(tv, digits), fmt(r, 2) + ("x" if r else "")))
 
   tt, tg = t.get("train", {}), t.get("generate", {})
-  add("train samples/s (JAX bucketed | torch 80 tok)", j["train_bucketed"]["samples_per_s"],
+  add("train samples/s (JAX bucketed, torch 80 tok)", j["train_bucketed"]["samples_per_s"],
       tt.get("samples_per_s"), 1)
-  add("train steps/s   (JAX bucketed | torch 80 tok)", j["train_bucketed"]["steps_per_s"],
+  add("train steps/s (JAX bucketed, torch 80 tok)", j["train_bucketed"]["steps_per_s"],
       tt.get("steps_per_s"), 3)
   add("train samples/s (both 80 tok)", j["train_fixed80"]["samples_per_s"],
       tt.get("samples_per_s"), 1)
-  add("train steps/s   (both 80 tok)", j["train_fixed80"]["steps_per_s"], tt.get("steps_per_s"),
-      3)
-  add(f"beam search users/s (JAX bucketed | torch 80 tok)", j["beam_bucketed"]["users_per_s"],
+  add("beam search users/s (JAX bucketed, torch 80 tok)", j["beam_bucketed"]["users_per_s"],
       tg.get("users_per_s"), 1)
   if "beam_fixed80" in j:
     add("beam search users/s (both 80 tok)", j["beam_fixed80"]["users_per_s"],
         tg.get("users_per_s"), 1)
-  add("peak RSS MiB, train phase", j["train_bucketed"]["peak_rss_mib"],
+  add("peak RSS MiB, train warm-up (80 tok)", j["train_bucketed"]["peak_rss_mib"],
       tt.get("peak_rss_mib"), 0)
-  add("peak RSS MiB, beam search phase", j["beam_bucketed"]["peak_rss_mib"],
+  add("peak RSS MiB, beam search warm-up (80 tok)", j["beam_bucketed"]["peak_rss_mib"],
       tg.get("peak_rss_mib"), 0)
-  comp = sum(v["trace_s"] + v["compile_s"]
-             for v in j["train_bucketed"]["compile_by_tokens"].values())
-  add("JAX compile s (train, all shapes)", comp, None, 1, ratio=False)
-  add("JAX compile s (beam search, all shapes)",
-      sum(j["beam_bucketed"]["compile_s_by_tokens"].values()), None, 1, ratio=False)
+  add("cpu/wall during train (cores really used)", j["train_bucketed"]["cpu_per_wall"],
+      tt.get("cpu_per_wall"), 2, ratio=False)
+  add("JAX compile s (train, all shapes)", j["compile_s"]["train"], None, 1, ratio=False)
+  add("JAX compile s (beam search, all shapes)", j["compile_s"]["beam"], None, 1, ratio=False)
   return rows
 
 
@@ -589,7 +604,7 @@ def parse_args(argv=None):
   p.add_argument("--data", default=DEFAULT_DATA, help="interactions file (Amazon-2014 Toys)")
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--eval_batch_size", type=int, default=256)
-  p.add_argument("--train_steps", type=int, default=16,
+  p.add_argument("--train_steps", type=int, default=12,
                  help="timed JAX train steps with bucketing (stratified over buckets)")
   p.add_argument("--fixed_steps", type=int, default=3,
                  help="timed JAX train steps with every batch padded to 80 tokens")
@@ -600,11 +615,14 @@ def parse_args(argv=None):
   p.add_argument("--beam", type=int, default=20)
   p.add_argument("--buckets", default=None,
                  help="comma-separated history-length buckets (items); default: the library's")
-  p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
-  p.add_argument("--torch_train_steps", type=int, default=4, help="timed torch steps (+1 warm-up)")
-  p.add_argument("--torch_eval_users", type=int, default=256)
+  p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                 help="also measure the HF PyTorch reference")
+  p.add_argument("--torch_train_steps", type=int, default=3, help="timed torch steps")
+  p.add_argument("--torch_eval_users", type=int, default=192)
   p.add_argument("--torch_eval_batch_size", type=int, default=64)
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                 help="alternate the timed units of all phases (fair on a shared machine)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json_out", default=None)
   return p.parse_args(argv)
@@ -633,88 +651,109 @@ def main(argv=None):
   trainer = GRMTrainer(model_cfg, train_cfg, mesh, seed=args.seed)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.init_params))
   log(f"JAX T5 parameters: {n_params:,}")
-
   results = {"args": vars(args), "machine": info, "model": dataclasses.asdict(model_cfg),
              "num_params_jax": n_params, "buckets": list(buckets), "jax": {}}
-  compiled_train: dict[int, object] = {}
 
-  # a. training, bucketed and fixed 80 tokens.
-  bucket_groups = epoch_batches(split.train, item_tokens, args.batch_size, buckets, args.seed)
-  results["jax"]["train_bucketed"] = bench_jax_train(
-      trainer, bucket_groups, pick(bucket_groups, args.train_steps), "jax train bucketed",
-      compiled_train, peak)
+  # JAX phases (compiled ahead of time; compile time reported separately).
+  compiled_train: dict[int, object] = {}
+  compiled_rank: dict[int, object] = {}
+  train_groups = epoch_batches(split.train, item_tokens, args.batch_size, buckets, args.seed)
   fixed_groups = epoch_batches(split.train, item_tokens, args.batch_size, (MAX_HISTORY,),
                                args.seed)
-  fixed_measured = {full_len: fixed_groups[full_len][:args.fixed_steps]}
-  results["jax"]["train_fixed80"] = bench_jax_train(
-      trainer, fixed_groups, fixed_measured, "jax train 80 tokens", compiled_train, peak)
-  results["jax"]["train_bucketing_gain"] = (results["jax"]["train_bucketed"]["samples_per_s"] /
-                                            results["jax"]["train_fixed80"]["samples_per_s"])
-
-  # b. beam search.
-  compiled_rank: dict[int, object] = {}
+  bucketed_state = JaxTrain(trainer, compiled_train)
+  phases = [jax_train_phase("jax train bucketed", bucketed_state, train_groups,
+                            pick(train_groups, args.train_steps))]
+  fixed_state = JaxTrain(trainer, compiled_train)
+  phases.append(jax_train_phase("jax train 80 tokens", fixed_state, fixed_groups,
+                                {full_len: fixed_groups[full_len][:args.fixed_steps]}))
+  phases[-1].warmup = None  # same executable and shape as the bucketed phase's warm-up
+  rank_state = JaxRank(trainer, table, args.beam, compiled_rank)
   valid_groups = valid_batches(split.valid, item_tokens, args.eval_batch_size, buckets)
-  results["jax"]["beam_bucketed"] = bench_jax_beam(trainer, table, valid_groups, args.eval_users,
-                                                   args.beam, "jax beam bucketed", peak,
-                                                   compiled_rank)
+  n_eval = max(1, int(round(args.eval_users / args.eval_batch_size)))
+  phases.append(jax_rank_phase("jax beam bucketed", rank_state, valid_groups,
+                               pick(valid_groups, n_eval)))
   if args.fixed_eval_users:
     fixed_valid = valid_batches(split.valid, item_tokens, args.eval_batch_size, (MAX_HISTORY,))
-    results["jax"]["beam_fixed80"] = bench_jax_beam(trainer, table, fixed_valid,
-                                                    args.fixed_eval_users, args.beam,
-                                                    "jax beam 80 tokens", peak, compiled_rank)
+    n_fixed = max(1, int(round(args.fixed_eval_users / args.eval_batch_size)))
+    phases.append(jax_rank_phase("jax beam 80 tokens", rank_state, fixed_valid,
+                                 {full_len: fixed_valid[full_len][:n_fixed]}))
+    phases[-1].warmup = None
+  results["jax"]["compile_s"] = {
+      "train": sum(v["trace_s"] + v["compile_s"] for v in bucketed_state.compile_s.values()),
+      "beam": sum(rank_state.compile_s.values()),
+      "train_by_tokens": bucketed_state.compile_s, "beam_by_tokens": rank_state.compile_s}
 
-  for phase in results["jax"].values():
-    if isinstance(phase, dict):
-      phase.pop("_ranked", None)
-
-  # c. memory.
-  results["jax"]["memory"] = jax_memory(trainer, compiled_train)
-  results["jax"]["ru_maxrss_mib_after_jax"] = ru_maxrss_mib()
-  del compiled_train, compiled_rank
-
-  # d. torch.
+  # Torch phases.
   ok, why = torch_available()
+  torch_phases = []
   if not args.torch:
-    log("torch part skipped (--no_torch)")
-    results["torch"] = None
-    results["torch_skipped"] = "--no_torch"
-  elif not ok:
-    log(f"torch part skipped: torch/transformers not importable ({why}); "
-        "install them with `pip install -e .[bench]` to compare against PyTorch")
-    results["torch"] = None
-    results["torch_skipped"] = why
-  else:
+    why = "--no_torch"
+  if args.torch and ok:
     import torch
     import transformers
-    info["torch"] = torch.__version__
-    info["transformers"] = transformers.__version__
-    info["torch_threads"] = args.threads
+    info.update(torch=torch.__version__, transformers=transformers.__version__,
+                torch_threads=args.threads)
     model = make_torch_model(model_cfg, args.threads)
     n_torch = sum(p.numel() for p in model.parameters())
     log(f"torch {torch.__version__} / transformers {transformers.__version__}, "
         f"{args.threads} threads, HF T5 parameters: {n_torch:,}")
-    tres = {"num_params": n_torch}
-    train_batches = fixed_groups[full_len][:args.torch_train_steps + 1]
-    tres["train"] = bench_torch_train(model, train_batches, train_cfg.learning_rate,
-                                      train_cfg.weight_decay, train_cfg.grad_clip, full_len, peak)
+    results["torch"] = {"num_params": n_torch}
+    tt = TorchTrain(model, train_cfg.learning_rate, train_cfg.weight_decay, train_cfg.grad_clip,
+                    full_len)
+    tbatches = fixed_groups[full_len][:args.torch_train_steps + 1]
+    torch_phases.append(Phase("torch train 80 tokens", "samples",
+                              [(full_len, functools.partial(tt.step, *bi))
+                               for bi in tbatches[1:]],
+                              warmup=functools.partial(tt.step, *tbatches[0])))
+    tg = TorchGenerate(model, table, args.beam, full_len)
     users = min(args.torch_eval_users, len(split.valid))
-    tres["generate"] = bench_torch_generate(model, table, split.valid, item_tokens, users,
-                                            args.torch_eval_batch_size, args.beam, full_len, peak)
-    tres["ru_maxrss_mib_after_torch"] = ru_maxrss_mib()
-    results["torch"] = tres
-    j = results["jax"]
+    inputs = history_tokens(split.valid.history[:users], item_tokens)
+    chunks = [inputs[s:s + args.torch_eval_batch_size]
+              for s in range(0, users, args.torch_eval_batch_size)]
+    torch_phases.append(Phase("torch generate 80 tokens", "users",
+                              [(full_len, functools.partial(tg.generate, c)) for c in chunks],
+                              warmup=functools.partial(tg.generate, chunks[0])))
+  else:
+    log(f"torch part skipped: {why}" + ("" if why == "--no_torch" else
+        " (install torch and transformers, e.g. `pip install -e .[bench]`, to compare)"))
+    results["torch"] = None
+    results["torch_skipped"] = why
+
+  all_phases = phases + torch_phases
+  if args.interleave:  # torch phases between the JAX ones: train next to train, beam to beam
+    all_phases = phases[:2] + torch_phases[:1] + phases[2:] + torch_phases[1:]
+  run_phases(all_phases, args.interleave, peak)
+
+  keys = ["train_bucketed", "train_fixed80", "beam_bucketed", "beam_fixed80"]
+  for key, ph in zip(keys, phases):
+    results["jax"][key] = ph.summary()
+  results["jax"]["train_fixed80"]["peak_rss_mib"] = results["jax"]["train_bucketed"][
+      "peak_rss_mib"]
+  results["jax"]["train_bucketing_gain"] = (results["jax"]["train_bucketed"]["samples_per_s"] /
+                                            results["jax"]["train_fixed80"]["samples_per_s"])
+  if "beam_fixed80" in results["jax"]:
+    results["jax"]["beam_bucketing_gain"] = (results["jax"]["beam_bucketed"]["users_per_s"] /
+                                             results["jax"]["beam_fixed80"]["users_per_s"])
+  results["jax"]["final_loss"] = bucketed_state.loss
+  results["jax"]["memory"] = jax_memory(compiled_train)
+  if torch_phases:
+    results["torch"]["train"] = torch_phases[0].summary()
+    results["torch"]["train"]["final_loss"] = tt.loss
+    results["torch"]["generate"] = torch_phases[1].summary()
+    results["torch"]["generate"]["output_shape"] = tg.output_shape
+    j, t = results["jax"], results["torch"]
     results["ratios"] = {
         "train_samples_per_s_bucketed_vs_torch": (j["train_bucketed"]["samples_per_s"] /
-                                                  tres["train"]["samples_per_s"]),
+                                                  t["train"]["samples_per_s"]),
         "train_samples_per_s_fixed80_vs_torch": (j["train_fixed80"]["samples_per_s"] /
-                                                 tres["train"]["samples_per_s"]),
+                                                 t["train"]["samples_per_s"]),
         "beam_users_per_s_bucketed_vs_torch": (j["beam_bucketed"]["users_per_s"] /
-                                               tres["generate"]["users_per_s"]),
-    }
+                                               t["generate"]["users_per_s"])}
     if "beam_fixed80" in j:
       results["ratios"]["beam_users_per_s_fixed80_vs_torch"] = (
-          j["beam_fixed80"]["users_per_s"] / tres["generate"]["users_per_s"])
-    results["targets"] = {"train_ratio": 3.0, "beam_ratio": 30.0}
+          j["beam_fixed80"]["users_per_s"] / t["generate"]["users_per_s"])
+    results["targets"] = {"train_samples_per_s_bucketed_vs_torch": 3.0,
+                          "beam_users_per_s_bucketed_vs_torch": 30.0}
 
   results["ru_maxrss_mib"] = ru_maxrss_mib()
   results["peak_rss_resettable"] = peak.resettable
@@ -723,15 +762,16 @@ def main(argv=None):
   rows = table_rows(results)
   results["table_markdown"] = markdown_table(rows)
 
-  widths = [max(len(r[i]) for r in rows + [("metric", "JAX", "torch", "JAX / torch")])
-            for i in range(4)]
+  head = ("metric", "JAX", "torch", "JAX / torch")
+  widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
   print()
-  for r in [("metric", "JAX", "torch", "JAX / torch")] + rows:
-    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+  for r in [head] + rows:
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(r, widths))))
   print()
   mem = results["jax"]["memory"]
-  print(f"process peak RSS (ru_maxrss): {results['ru_maxrss_mib']:.0f} MiB; JAX device "
-        f"memory_stats: {mem['device_memory_stats'] or 'None (' + mem.get('device_memory_stats_note', '') + ')'}")
+  print(f"process peak RSS (ru_maxrss, whole run): {results['ru_maxrss_mib']:.0f} MiB; JAX "
+        f"device memory_stats: {mem['device_memory_stats'] or 'None (' + mem.get('device_memory_stats_note', '') + ')'}")
   if results.get("torch") is None:
     print(f"torch comparison skipped: {results.get('torch_skipped')}")
   print(f"total {results['total_s']:.0f}s, load average at end {results['loadavg_at_end']}")

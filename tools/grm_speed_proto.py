@@ -20,11 +20,10 @@ Everything here runs on the library's own modules and parameters (`genrec_jax.re
 from __future__ import annotations
 
 import argparse
-import collections
+import functools
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -39,7 +38,7 @@ from genrec_jax.decoding.beam_search import NEG_INF  # noqa: E402
 from genrec_jax.recommenders import t5 as t5_module  # noqa: E402
 from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
 from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer  # noqa: E402
-from genrec_jax.training.sharding import make_mesh, shard_batch  # noqa: E402
+from genrec_jax.training.sharding import make_mesh  # noqa: E402
 
 LIBRARY_DROPOUT = t5_module.dropout
 
@@ -163,60 +162,63 @@ def make_fast_rank(trainer: GRMTrainer):
 # ------------------------------------------------------------------------------ measurements
 
 
-def time_train_variant(name, model_cfg, lengths, steps, dropout_fn, batch_size, seed=0):
-  """Median seconds per train step for random token batches of each length."""
-  t5_module.dropout = dropout_fn
-  try:
-    trainer = GRMTrainer(model_cfg, GRMTrainConfig(batch_size=batch_size), make_mesh(),
-                         seed=seed)
-    params = jax.tree.map(jnp.copy, trainer.init_params)
-    opt = trainer.init_opt_state(params)
-    rng = np.random.default_rng(seed)
-    key = jax.random.key(0)
-    out = {}
+def train_phases(specs: dict[str, list[int]], model_cfg, batch_size, steps, seed=0):
+  """One interleavable phase per dropout variant, timing train steps on random token batches."""
+  fns = {"library": LIBRARY_DROPOUT, "bits16": cheap_dropout(16), "bits8": cheap_dropout(8),
+         "no_dropout": LIBRARY_DROPOUT}
+  rng = np.random.default_rng(seed)
+  mesh = make_mesh()
+  phases = []
+  for variant, lengths in specs.items():
+    cfg = model_cfg
+    if variant == "no_dropout":
+      cfg = T5Config(**{**model_cfg.__dict__, "dropout_rate": 0.0})
+    trainer = GRMTrainer(cfg, GRMTrainConfig(batch_size=batch_size), mesh, seed=seed)
+    state = bg.JaxTrain(trainer, {})
+    units = []
     for length in lengths:
-      batch = shard_batch({
-          "inputs": rng.integers(1, model_cfg.vocab_size, (batch_size, length)).astype(np.int32),
-          "targets": rng.integers(1, model_cfg.vocab_size, (batch_size, 4)).astype(np.int32),
-          "weight": np.ones(batch_size, np.float32)}, trainer.mesh)
-      t0 = time.perf_counter()
-      compiled = trainer._train_step.lower(params, opt, batch, key).compile()
-      compile_s = time.perf_counter() - t0
-      times, cpu = [], []
-      for i in range(steps + 1):
-        c0, t0 = time.process_time(), time.perf_counter()
-        params, opt, loss = compiled(params, opt, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(loss)
-        if i:  # the first run is a warm-up
-          times.append(time.perf_counter() - t0)
-          cpu.append(time.process_time() - c0)
-      out[int(length)] = {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-                          "all_s": [round(t, 3) for t in times],
-                          "cpu_per_wall": sum(cpu) / sum(times), "compile_s": compile_s,
-                          "loss": float(loss)}
-      bg.log(f"train {name}/{length} tokens: {out[int(length)]['median_s']:.2f}s"
-             f" median ({out[int(length)]['all_s']}), cpu/wall "
-             f"{out[int(length)]['cpu_per_wall']:.2f}")
-    return out
-  finally:
-    t5_module.dropout = LIBRARY_DROPOUT
+      batch = {"inputs": rng.integers(1, cfg.vocab_size, (batch_size, length)).astype(np.int32),
+               "targets": rng.integers(1, cfg.vocab_size, (batch_size, 4)).astype(np.int32),
+               "weight": np.ones(batch_size, np.float32)}
+      idx = np.arange(batch_size)
+      t5_module.dropout = fns[variant]  # read when the step is traced (at compile time)
+      try:
+        state.compile(batch)
+      finally:
+        t5_module.dropout = LIBRARY_DROPOUT
+      units += [(length, functools.partial(state.step, batch, idx))] * steps
+    phases.append(bg.Phase(f"train {variant}", "samples", units,
+                           warmup=functools.partial(state.step, batch, idx)))
+    phases[-1].state = state
+  return phases
 
 
-def epoch_estimate(step_s: dict[int, float], lengths: np.ndarray, batch_size: int,
-                   buckets: tuple[int, ...], depth: int) -> dict:
-  """samples/s of one epoch with these buckets, from per-shape step seconds."""
+def fit_step_time(step_s: dict[int, float]):
+  """Step seconds as a polynomial of the input length (degree <= 2) through the measurements."""
+  xs = sorted(step_s)
+  coef = np.polyfit(xs, [step_s[x] for x in xs], min(2, len(xs) - 1))
+  return lambda length: float(np.polyval(coef, length))
+
+
+def epoch_estimate(step_fn, lengths: np.ndarray, batch_size: int, buckets: tuple[int, ...],
+                   depth: int) -> dict:
+  """samples/s of one epoch with these buckets, from a step-time model."""
+  buckets = tuple(sorted(buckets))
   which = bg.bucket_of(lengths, buckets)
   batches = {b * depth: int(np.ceil((which == i).sum() / batch_size))
-             for i, b in enumerate(sorted(buckets)) if (which == i).any()}
-  seconds = sum(n * step_s[t] for t, n in batches.items())
-  tokens = sum(sorted(buckets)[w] * depth for w in which) / len(lengths)
+             for i, b in enumerate(buckets) if (which == i).any()}
+  seconds = sum(n * step_fn(t) for t, n in batches.items())
+  tokens = float(np.asarray(buckets)[which].mean() * depth)
   return {"samples_per_s": len(lengths) / seconds, "epoch_s": seconds,
-          "batches_by_tokens": batches, "mean_input_tokens": float(tokens)}
+          "batches_by_tokens": batches, "mean_input_tokens": tokens}
 
 
-def interpolate(step_s: dict[int, float], length: int) -> float:
-  xs = sorted(step_s)
-  return float(np.interp(length, xs, [step_s[x] for x in xs]))
+def parse_specs(text: str) -> dict[str, list[int]]:
+  out = {}
+  for part in text.split(";"):
+    name, lengths = part.split(":")
+    out[name.strip()] = [int(x) for x in lengths.split(",")]
+  return out
 
 
 def main(argv=None):
@@ -224,14 +226,15 @@ def main(argv=None):
   p.add_argument("--model", choices=sorted(bg.PRESETS), default="dact")
   p.add_argument("--data", default=bg.DEFAULT_DATA)
   p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--train_lengths", default="16,80", help="token lengths for train variants")
-  p.add_argument("--train_steps", type=int, default=3)
-  p.add_argument("--variants", default="library,no_dropout,bits16,bits8")
-  p.add_argument("--eval_users", type=int, default=512)
+  p.add_argument("--train_variants", default="library:16,48,80;bits16:16,48,80;no_dropout:80",
+                 help="variant:lengths;... (variants: library, bits16, bits8, no_dropout)")
+  p.add_argument("--train_steps", type=int, default=3, help="timed steps per variant and length")
+  p.add_argument("--eval_users", type=int, default=1024)
   p.add_argument("--beam", type=int, default=20)
   p.add_argument("--skip_train", action="store_true")
   p.add_argument("--skip_beam", action="store_true")
   p.add_argument("--fine_buckets", default="2,3,4,5,6,8,10,13,16,20")
+  p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--json_out", default=None)
   args = p.parse_args(argv)
 
@@ -239,31 +242,41 @@ def main(argv=None):
   item_tokens = table.item_tokens(split.num_items)
   model_cfg = T5Config(table.vocab_size, **bg.PRESETS[args.model])
   results = {"args": vars(args), "machine": bg.machine_info()}
+  peak = bg.PeakRSS()
+  phases = []
 
   if not args.skip_train:
-    lengths = [int(x) for x in args.train_lengths.split(",")]
-    fns = {"library": LIBRARY_DROPOUT, "bits16": cheap_dropout(16), "bits8": cheap_dropout(8)}
-    train = {}
-    for variant in args.variants.split(","):
-      if variant == "no_dropout":
-        cfg, fn = T5Config(table.vocab_size, **{**bg.PRESETS[args.model], "dropout_rate": 0.0}), \
-            LIBRARY_DROPOUT
-      else:
-        cfg, fn = model_cfg, fns[variant]
-      train[variant] = time_train_variant(variant, cfg, lengths, args.train_steps, fn,
-                                          args.batch_size)
-    results["train_step_s"] = train
-    # Bucket schemes, from the per-length step times (linear interpolation between lengths).
+    tphases = train_phases(parse_specs(args.train_variants), model_cfg, args.batch_size,
+                           args.train_steps)
+    phases += tphases
+  if not args.skip_beam:
+    trainer = GRMTrainer(model_cfg, GRMTrainConfig(), make_mesh())
+    groups = bg.valid_batches(split.valid, item_tokens, 256, GRMTrainConfig().length_buckets)
+    measured = bg.pick(groups, max(1, int(round(args.eval_users / 256))))
+    rank_states = {"fast": bg.JaxRank(trainer, table, args.beam, {},
+                                      rank_fn=make_fast_rank(trainer)),
+                   "library": bg.JaxRank(trainer, table, args.beam, {})}
+    bphases = [bg.jax_rank_phase(f"beam {name}", st, groups, measured, keep=True)
+               for name, st in rank_states.items()]
+    phases += bphases
+  bg.run_phases(phases, args.interleave, peak)
+
+  if not args.skip_train:
+    train = {ph.name.split()[-1]: ph.summary() for ph in tphases}
+    for ph in tphases:
+      train[ph.name.split()[-1]]["compile_s"] = ph.state.compile_s
+    results["train"] = train
     depth = table.depth
     schemes = {"library": GRMTrainConfig().length_buckets,
                "fine": tuple(int(x) for x in args.fine_buckets.split(",")),
                "fixed80": (bg.MAX_HISTORY,)}
     est = {}
-    for variant, per_len in train.items():
-      med = {k: v["median_s"] for k, v in per_len.items()}
+    for variant, res in train.items():
+      if len(res["median_s_by_tokens"]) < 2:
+        continue
+      step_fn = fit_step_time(res["median_s_by_tokens"])
       for name, buckets in schemes.items():
-        step_s = {b * depth: interpolate(med, b * depth) for b in buckets}
-        est[f"{variant}/{name}"] = epoch_estimate(step_s, split.train.lengths, args.batch_size,
+        est[f"{variant}/{name}"] = epoch_estimate(step_fn, split.train.lengths, args.batch_size,
                                                   buckets, depth)
     results["epoch_estimates"] = est
     for k, v in est.items():
@@ -271,23 +284,15 @@ def main(argv=None):
              f"{v['mean_input_tokens']:.1f} tokens")
 
   if not args.skip_beam:
-    trainer = GRMTrainer(model_cfg, GRMTrainConfig(), make_mesh())
-    groups = bg.valid_batches(split.valid, item_tokens, 256, GRMTrainConfig().length_buckets)
-    peak = bg.PeakRSS()
-    beam = {}
-    ranked = {}
-    for name, fn in [("fast", make_fast_rank(trainer)), ("library", None)]:
-      res = bg.bench_jax_beam(trainer, table, groups, args.eval_users, args.beam,
-                              f"beam {name}", peak, {}, rank_fn=fn)
-      ranked[name] = res.pop("_ranked")
-      beam[name] = res
-    same = [np.mean(np.all(a[1][a[0] >= 0] == b[1][b[0] >= 0], axis=1))
-            for a, b in zip(ranked["fast"], ranked["library"])]
-    top1 = [np.mean(a[1][a[0] >= 0][:, 0] == b[1][b[0] >= 0][:, 0])
-            for a, b in zip(ranked["fast"], ranked["library"])]
-    beam["identical_rankings_fraction"] = float(np.mean(same))
-    beam["identical_top1_fraction"] = float(np.mean(top1))
+    beam = {name: ph.summary() for name, ph in zip(rank_states, bphases)}
+    fast, lib = rank_states["fast"].ranked, rank_states["library"].ranked
+    rows = [(a[1][a[0] >= 0], b[1][b[0] >= 0]) for a, b in zip(fast, lib)]
+    beam["identical_rankings_fraction"] = float(np.mean(
+        np.concatenate([np.all(x == y, axis=1) for x, y in rows])))
+    beam["identical_top1_fraction"] = float(np.mean(
+        np.concatenate([x[:, 0] == y[:, 0] for x, y in rows])))
     beam["speedup"] = beam["fast"]["users_per_s"] / beam["library"]["users_per_s"]
+    beam["compile_s"] = {k: st.compile_s for k, st in rank_states.items()}
     bg.log(f"fast beam search: {beam['speedup']:.1f}x the library, identical rankings for "
            f"{beam['identical_rankings_fraction']:.4f} of users (top-1 "
            f"{beam['identical_top1_fraction']:.4f})")

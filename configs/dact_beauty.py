@@ -1,0 +1,23 @@
+"""DACT and every TIGER-backbone baseline of its paper on Amazon 2014 Beauty (continual).
+
+Pre-training on D0 (60 % of the interactions): SASRec CF embeddings (32-d), the collaborative
+tokenizer (RQ-VAE on MiniLM item text + 0.02 InfoNCE with the CF embeddings, DACT's base
+"0.6_cf" setting) and the T5 recommender; then periods D1..D4 (70/80/90/100 %) adapted by each
+method of `continual.methods`.
+
+Presets: default = the paper (TIGER 4+4 layers, d_ff 1024, lr 1e-4, batch 256, up to 200
+epochs per period with early stopping; tokenizer fine-tuning 5,000 steps at lr 1e-4, batch 1024,
+rho 0.3, tau 0.1, 32 slots, KL weight 5, stationary weight 0.1, alpha 0.02); "cpu" = small
+model and budgets for a 2-core CPU (about 30 minutes for all methods).
+"""
+
+from genrec_jax.config import apply_preset, base_config, dataset_paths
+
+
+def get_config(preset: str = ""):
+  c = base_config()
+  c.method = "continual"
+  dataset_paths(c, "beauty")
+  c.tokenizer.cf_weight = 0.02
+  c.tokenizer.recon_reduction = "mean"  # the DACT code's reduction
+  return apply_preset(c, preset)

@@ -1,0 +1,316 @@
+"""Continual pipeline: DACT and every TIGER-backbone baseline of its paper across periods.
+
+Protocol (PROTOCOLS.md section 2): the interactions are cut in time into D0..D4; period 0
+pre-trains the CF model (SASRec), the collaborative tokenizer (RQ-VAE + LETTER InfoNCE) and the
+T5 recommender; each later period t adapts them with a method's three rules and is evaluated on
+its test targets with its own identifier table.
+
+A method is a triple of rules (`METHOD_RULES`):
+  tokenizer   frozen | naive (fine-tune on period t) | dact (CDIM, differentiated update)
+  identifiers keep (old identifiers fixed, new items encoded) | reencode (all items anew) |
+              reformer (old fixed, new items from the updated tokenizer) |
+              hierarchical (DACT's relaxed-to-strict reassignment)
+  recommender frozen | finetune (from period t-1, on D_t) | retrain (from scratch, D_0..D_t)
+Chains shared by several methods (the CF model, the naively fine-tuned tokenizer, identifier
+tables) are computed once. Every stage is checkpointed with Orbax under
+WORKDIR/checkpoints/..., so an interrupted run resumes in the period where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from genrec_jax.data.periods import Period, continual_split, period_summary, retrain_samples
+from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
+from genrec_jax.pipelines.static import (grm_trainer, item_features, load_dataset,
+                                         rqvae_config, sasrec_trainer, write_json)
+from genrec_jax.tokenizers import reassign
+from genrec_jax.tokenizers.dact import CDIM, DACTConfig, finetune_tokenizer
+from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, write_identifiers_csv
+from genrec_jax.tokenizers.quantizer import code_usage
+from genrec_jax.tokenizers.rqvae import RQVAE
+from genrec_jax.training.checkpoint import Checkpoints
+from genrec_jax.training.loop import LoopConfig
+from genrec_jax.training.sharding import make_mesh
+from genrec_jax.training.tokenizer import TokenizerTrainConfig, encode_items, train_tokenizer
+
+METHOD_RULES = {
+    "frozen": ("frozen", "keep", "frozen"),
+    "ft_tok": ("naive", "reencode", "frozen"),
+    "ft_grm": ("frozen", "keep", "finetune"),
+    "ft_both": ("naive", "reencode", "finetune"),
+    "ft_tok_rt_grm": ("naive", "reencode", "retrain"),
+    "reformer": ("naive", "reformer", "finetune"),
+    "dact": ("dact", "hierarchical", "finetune"),
+}
+
+
+class ContinualRun:
+  """State and stages of one continual run (one dataset, several methods)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    unknown = set(config.continual.methods) - set(METHOD_RULES)
+    if unknown:
+      raise ValueError(f"unknown continual methods {sorted(unknown)}; "
+                       f"choose from {sorted(METHOD_RULES)}")
+    self.config, self.workdir = config, workdir
+    self.mesh = make_mesh()
+    self.inter = load_dataset(config, workdir)
+    self.periods: list[Period] = continual_split(
+        self.inter, tuple(config.continual.fractions), config.data.max_history,
+        config.sasrec.max_len)
+    self.num_items = self.inter.num_items
+    self.t = config.tokenizer
+    self.dedup_size = self.t.dedup_size
+    self.level_sizes = (self.t.codebook_size,) * self.t.num_levels + (self.dedup_size,)
+    self.dact_cfg = DACTConfig(**config.continual.dact.to_dict())
+    self.grm = None  # built once the vocabulary is known
+    self.cf: list[np.ndarray] = []
+    self.tokenizers: dict[tuple[str, int], tuple[RQVAE, CDIM | None]] = {}
+    self.tokenizer_seconds: dict[tuple[str, int], float] = {}
+    self.tables: dict[tuple[str, str, int], IdentifierTable] = {}
+
+  # ----------------------------------------------------------------------------- helpers
+  def ckpt_dir(self, *parts: str) -> str:
+    return os.path.join(self.workdir, "checkpoints", *parts)
+
+  def catalog_features(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(catalog item indices, semantic features, period-t CF embeddings) of period t."""
+    catalog = self.periods[t].catalog
+    return catalog, self.features[catalog], self.cf[t][catalog]
+
+  def encode(self, tokenizer: RQVAE, t: int) -> np.ndarray:
+    return encode_items(tokenizer, self.catalog_features(t)[1])
+
+  # ------------------------------------------------------------------------------ stages
+  def train_cf_chain(self) -> None:
+    """SASRec (32-d) trained on D0, then fine-tuned on every D_t; cf[t] = its item table."""
+    trainer = sasrec_trainer(self.config, self.num_items, self.mesh)
+    params = None
+    for t, period in enumerate(self.periods):
+      loop_cfg = None if t == 0 else LoopConfig(
+          epochs=self.config.continual.cf_finetune_epochs, eval_every=1, patience=2,
+          seed=self.config.seed)
+      start = time.time()
+      params, _ = trainer.train(period.cf_windows, period.valid,
+                                self.ckpt_dir("cf", f"period_{t}"), params=params,
+                                loop_cfg=loop_cfg)
+      self.cf.append(trainer.item_embeddings(params))
+      logging.info("[cf] period %d: %.1fs", t, time.time() - start)
+
+  def tokenizer_state(self, rule: str, t: int) -> tuple[RQVAE, CDIM | None]:
+    """The tokenizer (and CDIM) of chain `rule` after period t, trained once and cached."""
+    key = ("frozen", 0) if rule == "frozen" or t == 0 else (rule, t)
+    if key in self.tokenizers:
+      return self.tokenizers[key]
+    _, features, cf = self.catalog_features(key[1])
+    model_cfg = rqvae_config(self.config, features.shape[1])
+    template = RQVAE(model_cfg, rngs=nnx.Rngs(0))
+    cdim_template = CDIM.from_config(model_cfg.latent_dim, self.dact_cfg, rngs=nnx.Rngs(0))
+    ckpt = Checkpoints(self.ckpt_dir("tokenizer", f"{key[0]}_{key[1]}"),
+                       ("tokenizer", "cdim"), max_to_keep=1)
+    if ckpt.latest_step() is not None:
+      items, meta = ckpt.restore(0, {"tokenizer": nnx.state(template),
+                                     "cdim": nnx.state(cdim_template)})
+      nnx.update(template, items["tokenizer"])
+      nnx.update(cdim_template, items["cdim"])
+      state = (template, cdim_template if key[0] == "dact" else None)
+      seconds = meta["seconds"]
+    else:
+      start = time.time()
+      if key[1] == 0:
+        train_cfg = TokenizerTrainConfig(
+            steps=self.t.steps, batch_size=self.t.batch_size,
+            learning_rate=self.t.learning_rate, weight_decay=self.t.weight_decay,
+            kmeans_iterations=self.t.kmeans_iterations)
+        model, _ = train_tokenizer(model_cfg, train_cfg, features, cf, seed=self.config.seed)
+        state = (model, None)
+      else:
+        previous, cdim = self.tokenizer_state(key[0], key[1] - 1)
+        model, cdim, _ = finetune_tokenizer(
+            previous, features, cf, self.dact_cfg, "dact" if key[0] == "dact" else "naive",
+            cdim=cdim, seed=self.config.seed + key[1])
+        state = (model, cdim)
+      seconds = time.time() - start
+      ckpt.save(0, {"tokenizer": nnx.state(state[0]),
+                    "cdim": nnx.state(state[1] if state[1] is not None else cdim_template)},
+                {"seconds": seconds})
+    ckpt.close()
+    self.tokenizers[key] = state
+    self.tokenizer_seconds[key] = seconds
+    return state
+
+  def identifier_table(self, tok_rule: str, id_rule: str, t: int) -> IdentifierTable:
+    """Identifier table of period t under a (tokenizer rule, identifier rule) chain."""
+    key = (tok_rule, id_rule, t)
+    if key in self.tables:
+      return self.tables[key]
+    catalog = self.periods[t].catalog
+    if t == 0:
+      codes = self.encode(self.tokenizer_state("frozen", 0)[0], 0)
+      table = IdentifierTable(assign_dedup(codes, self.dedup_size), catalog, self.level_sizes)
+    else:
+      previous = self.identifier_table(tok_rule, id_rule, t - 1)
+      codes = self.encode(self.tokenizer_state(tok_rule, t)[0], t)
+      if id_rule == "keep":
+        table = reassign.keep_and_extend(previous, catalog, codes)
+      elif id_rule == "reencode":
+        table = reassign.reencode_all(codes, catalog, self.dedup_size, self.t.codebook_size)
+      elif id_rule == "reformer":
+        table = reassign.keep_and_extend(previous, catalog, codes)
+      elif id_rule == "hierarchical":
+        table = reassign.hierarchical_reassign(previous, catalog, codes)
+      else:
+        raise ValueError(f"unknown identifier rule {id_rule!r}")
+    if table.duplicates():
+      raise AssertionError(f"{key}: {table.duplicates()} duplicated identifiers")
+    self.tables[key] = table
+    return table
+
+  def cf_alignment(self, tokenizer: RQVAE, t: int) -> float:
+    """Mean cosine between each item's quantized latent and its period-t CF embedding."""
+    _, features, cf = self.catalog_features(t)
+    quantized = nnx.jit(lambda m, x: m(x).quant.quantized)(tokenizer, jnp.asarray(features))
+    q = np.asarray(quantized)
+    q = q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-8)
+    c = cf / (np.linalg.norm(cf, axis=1, keepdims=True) + 1e-8)
+    return float(np.mean(np.sum(q * c, axis=1)))
+
+  def evaluate(self, params, table: IdentifierTable, t: int) -> dict:
+    """Test metrics of period t: all targets, warm (items known before t) and cold (new)."""
+    test = self.periods[t].test
+    ranks = target_ranks(self.grm.rank(params, table, self.num_items, test), test.target)
+    cold = np.isin(test.target, self.periods[t].new_items)
+    out = {"test": metrics_from_ranks(ranks)}
+    for name, mask in (("warm", ~cold), ("cold", cold)):
+      out[name] = metrics_from_ranks(ranks[mask]) if mask.any() else {}
+      out[name]["users"] = int(mask.sum())
+    return out
+
+  def train_grm(self, name: str, table: IdentifierTable, t: int, params, mode: str):
+    """Period-t recommender under `mode` (frozen | finetune | retrain) -> (params, seconds)."""
+    if mode == "frozen":
+      return params, 0.0
+    c = self.config.continual
+    period = self.periods[t]
+    if mode == "finetune":
+      train, loop_cfg = period.train, LoopConfig(
+          epochs=c.finetune_epochs, eval_every=c.finetune_eval_every, patience=c.patience,
+          seed=self.config.seed + t)
+    elif mode == "retrain":
+      train, params, loop_cfg = retrain_samples(self.periods, t), None, LoopConfig(
+          epochs=c.retrain_epochs, eval_every=c.finetune_eval_every, patience=c.patience,
+          seed=self.config.seed + t,
+          max_train_seconds=self.config.grm.max_train_minutes * 60 or None)
+    else:
+      raise ValueError(f"unknown recommender rule {mode!r}")
+    start = time.time()
+    params, _ = self.grm.train(table, self.num_items, train, period.valid,
+                               self.ckpt_dir(name, f"period_{t}", "grm"), params=params,
+                               loop_cfg=loop_cfg)
+    return params, time.time() - start
+
+  # ----------------------------------------------------------------------------- driver
+  def run(self) -> dict:
+    t0 = time.time()
+    summary = period_summary(self.periods)
+    for row in summary:
+      logging.info("[periods] D%d %s .. %s: %d interactions, %d/%d/%d train/valid/test, "
+                   "catalog %d (%d new)", row["period"], row["first_day"], row["last_day"],
+                   row["interactions"], row["train"], row["valid"], row["test"],
+                   row["catalog"], row["new_items"])
+    results = {"dataset": {"name": self.config.data.name, **self.inter.stats()},
+               "method": "continual", "periods": summary, "config": self.config.to_dict(),
+               "methods": {}, "timing": {}}
+    self.features = item_features(self.config, self.inter, None)
+    start = time.time()
+    self.train_cf_chain()
+    results["timing"]["cf"] = time.time() - start
+
+    base_table = self.identifier_table("frozen", "keep", 0)
+    self.grm = grm_trainer(self.config, base_table.vocab_size, self.mesh)
+    start = time.time()
+    base_params, base_state = self.grm.train(
+        base_table, self.num_items, self.periods[0].train, self.periods[0].valid,
+        self.ckpt_dir("period_0", "grm"))
+    results["period_0"] = {**self.evaluate(base_params, base_table, 0),
+                           "best_epoch": base_state["best_epoch"] + 1,
+                           "seconds": time.time() - start,
+                           "tokenizer_seconds": self.tokenizer_seconds[("frozen", 0)],
+                           "code_usage": code_usage(base_table.codes[:, :-1],
+                                                    self.t.codebook_size)}
+    logging.info("[period 0] test %s", _fmt(results["period_0"]["test"]))
+    results["timing"]["period_0"] = time.time() - start
+
+    for name in self.config.continual.methods:
+      results["methods"][name] = self.run_method(name, base_params, base_table)
+      write_json(os.path.join(self.workdir, "results.json"), results)
+    results["analyses"] = analyses(results)
+    results["timing"]["total"] = time.time() - t0
+    write_json(os.path.join(self.workdir, "results.json"), results)
+    return results
+
+  def run_method(self, name: str, base_params, base_table: IdentifierTable) -> dict:
+    tok_rule, id_rule, grm_rule = METHOD_RULES[name]
+    out_dir = os.path.join(self.workdir, name)
+    write_identifiers_csv(os.path.join(out_dir, "period_0", "identifiers.csv"), base_table,
+                          self.inter.item_ids)
+    params, previous, rows = base_params, base_table, []
+    for t in range(1, len(self.periods)):
+      start = time.time()
+      table = self.identifier_table(tok_rule, id_rule, t)
+      tokenizer_seconds = (0.0 if tok_rule == "frozen"
+                           else self.tokenizer_seconds[(tok_rule, t)])
+      params, grm_seconds = self.train_grm(name, table, t, params, grm_rule)
+      row = {"period": t, **self.evaluate(params, table, t),
+             "code_change": reassign.code_change_rates(previous, table),
+             "seconds": tokenizer_seconds + grm_seconds,
+             "tokenizer_seconds": tokenizer_seconds, "grm_seconds": grm_seconds,
+             "cf_alignment": self.cf_alignment(self.tokenizer_state(tok_rule, t)[0], t),
+             "identifiers": {"items": int(table.codes.shape[0]),
+                             "duplicates": table.duplicates(),
+                             "max_dedup_digit": int(table.codes[:, -1].max())}}
+      write_identifiers_csv(os.path.join(out_dir, f"period_{t}", "identifiers.csv"), table,
+                            self.inter.item_ids)
+      logging.info("[%s] period %d test %s | code change overall %.3f | %.0fs", name, t,
+                   _fmt(row["test"]), row["code_change"]["overall"], time.time() - start)
+      rows.append(row)
+      previous = table
+    return {"rules": {"tokenizer": tok_rule, "identifiers": id_rule, "recommender": grm_rule},
+            "periods": rows}
+
+
+def analyses(results: dict) -> dict:
+  """Cross-method summaries: mean code change, mean N@10, time relative to ft_grm."""
+  methods = results["methods"]
+  out = {"mean_test": {}, "mean_code_change": {}, "relative_time": {}}
+  for name, m in methods.items():
+    rows = m["periods"]
+    out["mean_test"][name] = {k: float(np.mean([r["test"][k] for r in rows]))
+                              for k in rows[0]["test"]}
+    out["mean_code_change"][name] = {k: float(np.mean([r["code_change"][k] for r in rows]))
+                                     for k in rows[0]["code_change"] if k != "items"}
+  if "ft_grm" in methods:
+    base = sum(r["seconds"] for r in methods["ft_grm"]["periods"])
+    for name, m in methods.items():
+      out["relative_time"][name] = sum(r["seconds"] for r in m["periods"]) / max(base, 1e-9)
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every configured method across the periods; writes WORKDIR/results.json."""
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("devices: %d x %s", jax.device_count(), jax.devices()[0].platform)
+  return ContinualRun(config, workdir).run()
+
+
+def _fmt(metrics: dict) -> str:
+  return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("@10"))
