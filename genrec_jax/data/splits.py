@@ -119,3 +119,13 @@ def training_windows(inter: Interactions, max_len: int, holdout: int = 2) -> Sam
     targets = np.where(inputs != PAD, targets, PAD).astype(np.int32)
     return SampleSet(history=inputs, target=targets,
                      user=np.flatnonzero(keep).astype(np.int32))
+
+
+def subsample(samples: SampleSet, size: int, seed: int) -> SampleSet:
+    """A fixed random subset of `size` samples (all of them when size <= 0 or too large),
+    kept in their original order; used to make frequent validation cheaper."""
+    if size <= 0 or size >= len(samples):
+        return samples
+    idx = np.sort(np.random.default_rng(seed).choice(len(samples), size, replace=False))
+    return SampleSet(history=samples.history[idx], target=samples.target[idx],
+                     user=samples.user[idx])

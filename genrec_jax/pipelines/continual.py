@@ -29,6 +29,7 @@ from absl import logging
 from flax import nnx
 
 from genrec_jax.data.periods import Period, continual_split, period_summary, retrain_samples
+from genrec_jax.data.splits import subsample
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.pipelines.static import (grm_trainer, item_features, load_dataset,
                                          rqvae_config, sasrec_trainer, write_json)
@@ -213,7 +214,8 @@ class ContinualRun:
     else:
       raise ValueError(f"unknown recommender rule {mode!r}")
     start = time.time()
-    params, _ = self.grm.train(table, self.num_items, train, period.valid,
+    selection = subsample(period.valid, self.config.grm.valid_users, self.config.seed)
+    params, _ = self.grm.train(table, self.num_items, train, selection,
                                self.ckpt_dir(name, f"period_{t}", "grm"), params=params,
                                loop_cfg=loop_cfg)
     return params, time.time() - start
@@ -239,7 +241,8 @@ class ContinualRun:
     self.grm = grm_trainer(self.config, base_table.vocab_size, self.mesh)
     start = time.time()
     base_params, base_state = self.grm.train(
-        base_table, self.num_items, self.periods[0].train, self.periods[0].valid,
+        base_table, self.num_items, self.periods[0].train,
+        subsample(self.periods[0].valid, self.config.grm.valid_users, self.config.seed),
         self.ckpt_dir("period_0", "grm"))
     results["period_0"] = {**self.evaluate(base_params, base_table, 0),
                            "best_epoch": base_state["best_epoch"] + 1,

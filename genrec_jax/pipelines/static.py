@@ -23,7 +23,7 @@ from flax import nnx
 
 from genrec_jax.data import leave_one_out, load_interactions
 from genrec_jax.data.interactions import Interactions, index_interactions, k_core_filter
-from genrec_jax.data.splits import training_windows
+from genrec_jax.data.splits import subsample, training_windows
 from genrec_jax.recommenders.sasrec import SASRecConfig
 from genrec_jax.recommenders.t5 import T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, write_identifiers_csv
@@ -197,7 +197,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     t = time.time()
     trainer = grm_trainer(config, table.vocab_size, mesh)
-    params, loop_state = trainer.train(table, inter.num_items, split.train, split.valid,
+    selection = subsample(split.valid, config.grm.valid_users, config.seed)
+    params, loop_state = trainer.train(table, inter.num_items, split.train, selection,
                                        os.path.join(workdir, "checkpoints", "grm"))
     timing["grm_train"] = time.time() - t
     t = time.time()
