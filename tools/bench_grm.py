@@ -298,6 +298,16 @@ def run_phases(phases: list[Phase], interleave: bool, peak: PeakRSS) -> None:
 # ---------------------------------------------------------------------------------- JAX parts
 
 
+def hlo_gflop(compiled) -> float | None:
+  """XLA's FLOP count of a compiled executable (GFLOP), None if unavailable."""
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) / 1e9
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 class JaxTrain:
   """Train state + AOT-compiled `GRMTrainer._train_step` per input length."""
 
@@ -319,7 +329,8 @@ class JaxTrain:
     t1 = time.perf_counter()
     self.compiled[length] = lowered.compile()
     t2 = time.perf_counter()
-    self.compile_s[length] = {"trace_s": t1 - t0, "compile_s": t2 - t1}
+    self.compile_s[length] = {"trace_s": t1 - t0, "compile_s": t2 - t1,
+                              "gflop": hlo_gflop(self.compiled[length])}
     log(f"compiled train step for {length} tokens in {t2 - t0:.1f}s")
 
   def step(self, batch: dict, idx: np.ndarray) -> int:
@@ -346,6 +357,7 @@ class JaxRank:
                        level_sizes=tuple(table.level_sizes), beam_size=beam,
                        constrained=trainer.cfg.constrained)
     self.compile_s: dict[int, float] = {}
+    self.gflop: dict[int, float | None] = {}
     self.ranked: list = []
 
   def _inputs(self, batch):
@@ -359,6 +371,7 @@ class JaxRank:
     self.compiled[length] = self.rank_fn.lower(self.params, self._inputs(batch), self.trie,
                                                **self.static).compile()
     self.compile_s[length] = time.perf_counter() - t0
+    self.gflop[length] = hlo_gflop(self.compiled[length])
     log(f"compiled beam search for {length} tokens in {self.compile_s[length]:.1f}s")
 
   def rank(self, batch: dict, idx: np.ndarray, keep: bool = False) -> int:
@@ -681,7 +694,8 @@ def main(argv=None):
   results["jax"]["compile_s"] = {
       "train": sum(v["trace_s"] + v["compile_s"] for v in bucketed_state.compile_s.values()),
       "beam": sum(rank_state.compile_s.values()),
-      "train_by_tokens": bucketed_state.compile_s, "beam_by_tokens": rank_state.compile_s}
+      "train_by_tokens": bucketed_state.compile_s, "beam_by_tokens": rank_state.compile_s,
+      "beam_gflop_by_tokens": rank_state.gflop}
 
   # Torch phases.
   ok, why = torch_available()

@@ -293,6 +293,7 @@ def main(argv=None):
         np.concatenate([x[:, 0] == y[:, 0] for x, y in rows])))
     beam["speedup"] = beam["fast"]["users_per_s"] / beam["library"]["users_per_s"]
     beam["compile_s"] = {k: st.compile_s for k, st in rank_states.items()}
+    beam["gflop_by_tokens"] = {k: st.gflop for k, st in rank_states.items()}
     bg.log(f"fast beam search: {beam['speedup']:.1f}x the library, identical rankings for "
            f"{beam['identical_rankings_fraction']:.4f} of users (top-1 "
            f"{beam['identical_top1_fraction']:.4f})")
