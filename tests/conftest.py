@@ -2,40 +2,51 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from genrec_jax.config import base_config
 
+# Every pipeline run builds fresh jitted trainers; the persistent cache lets identical
+# programs compile once per test session instead of once per run.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.expanduser("~"), ".cache", "genrec_jax_tests_xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared")
 
 
-def write_synthetic(directory, num_users=240, num_items=48, length=8, seed=0):
+def write_synthetic(directory, num_users=240, num_items=48, length=8, seed=0, late_items=0):
   """Users walk item chains (item i is mostly followed by i + 1); returns (csv, npy) paths.
 
-  Item vectors: a noisy one-hot of the item's chain position group, so the tokenizer has
-  structure to find.
+  User u is active on days u..u + length, so users spread over time (the continual split
+  cuts them into periods). With `late_items`, the last quarter of the users also meet items
+  num_items..num_items + late_items - 1 that nobody saw before (cold items of late periods).
+  Item vectors are random: the tokenizer input carries no structure, the sequences do.
   """
   rng = np.random.default_rng(seed)
   rows = []
   for u in range(num_users):
     item = rng.integers(num_items)
+    late = u >= num_users * 3 // 4
     for t in range(length):
-      rows.append((f"u{u:04d}", f"i{item:03d}", 1_400_000_000 + 86400 * (u + t)))
+      shown = num_items + rng.integers(late_items) if late and rng.random() < 0.3 else item
+      rows.append((f"u{u:04d}", f"i{shown:03d}", 1_400_000_000 + 86400 * (u + t)))
       item = (item + 1) % num_items if rng.random() < 0.9 else rng.integers(num_items)
   path = os.path.join(directory, "interactions.csv")
   with open(path, "w") as f:
     f.write("user,item,timestamp\n")
     f.writelines(f"{u},{i},{t}\n" for u, i, t in rows)
-  vectors = rng.normal(size=(num_items, 16)).astype(np.float32)
+  vectors = rng.normal(size=(num_items + late_items, 16)).astype(np.float32)
   np.save(os.path.join(directory, "items.npy"), vectors)
   return path, os.path.join(directory, "items.npy")
 
 
-def tiny_config(directory, method="tiger"):
+def tiny_config(directory, method="tiger", late_items=0):
   """A config that trains every stage in a few seconds on the synthetic data."""
-  csv_path, npy_path = write_synthetic(directory)
+  csv_path, npy_path = write_synthetic(directory, late_items=late_items)
   c = base_config()
   c.method = method
   c.data.name = "synthetic"
@@ -50,6 +61,11 @@ def tiny_config(directory, method="tiger"):
                num_decoder_layers=1, learning_rate=1e-2, warmup_steps=5, batch_size=64,
                eval_batch_size=64, beam_size=20, length_buckets=(8,), epochs=8,
                eval_every=2, patience=10)
+  c.continual.update(cf_finetune_epochs=1, finetune_epochs=2, finetune_eval_every=1,
+                     patience=2, retrain_epochs=2)
+  c.continual.dact.update(steps=20, batch_size=32, log_every=10)
+  if method == "continual":
+    c.tokenizer.cf_weight = 0.02
   return c
 
 

@@ -31,6 +31,7 @@ from flax import nnx
 from genrec_jax.data.periods import Period, continual_split, period_summary, retrain_samples
 from genrec_jax.data.splits import subsample
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
+from genrec_jax.evaluation.report import write_report
 from genrec_jax.pipelines.static import (grm_trainer, item_features, load_dataset,
                                          rqvae_config, sasrec_trainer, write_json)
 from genrec_jax.tokenizers import reassign
@@ -259,6 +260,7 @@ class ContinualRun:
     results["analyses"] = analyses(results)
     results["timing"]["total"] = time.time() - t0
     write_json(os.path.join(self.workdir, "results.json"), results)
+    write_report(results, self.workdir)
     return results
 
   def run_method(self, name: str, base_params, base_table: IdentifierTable) -> dict:
