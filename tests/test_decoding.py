@@ -41,7 +41,7 @@ def _brute_force_scores(model, inputs, table):
 def _search(model, inputs, table, beam, constrained=True):
   enc, mask = model.encode(inputs)
   memory = model.decoder_memory(enc)
-  fn = lambda prefix: jax.nn.log_softmax(model.decode(memory, mask, prefix)[:, -1], -1)
+  fn = lambda prefix: jax.nn.log_softmax(model.decode(memory, mask, prefix, last_only=True), -1)
   trie = jax.tree.map(jnp.asarray, build_trie(table))
   return jax.jit(lambda: beam_search(fn, inputs.shape[0], trie, tuple(table.offsets.tolist()),
                                      table.level_sizes, beam, constrained=constrained))()

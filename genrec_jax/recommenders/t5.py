@@ -209,11 +209,12 @@ class T5(nnx.Module):
     return self.decoder.memory_kv(encoded)
 
   def decode(self, memory, encoder_mask: jax.Array, decoder_tokens: jax.Array,
-             key: jax.Array | None = None) -> jax.Array:
+             key: jax.Array | None = None, *, last_only: bool = False) -> jax.Array:
     """Logits [B * G, S, vocab] for decoder inputs [B * G, S] (start token 0 first), causal.
 
     `memory` is either encoder states [B, T, d_model] or their `decoder_memory`; G >= 1 decoder
-    rows per example (beams) share it, rows grouped by example.
+    rows per example (beams) share it, rows grouped by example. With `last_only`, only the last
+    position is projected onto the vocabulary ([B * G, vocab]), which is all decoding needs.
     """
     if not isinstance(memory, list):
       memory = self.decoder_memory(memory)
@@ -221,6 +222,8 @@ class T5(nnx.Module):
     causal = jnp.tril(jnp.ones((s, s), bool))[None, None]
     h = self.decoder(self.embed(decoder_tokens), causal, key, memory,
                      encoder_mask[:, None, None, :])
+    if last_only:
+      h = h[:, -1]
     return (h * self.cfg.d_model ** -0.5) @ self.embed.embedding[...].T
 
   def __call__(self, tokens, decoder_tokens, key=None):

@@ -114,7 +114,7 @@ class GRMTrainer:
     memory = model.decoder_memory(encoded)  # once per user, shared by beams and steps
 
     def log_probs_fn(prefix):
-      return jax.nn.log_softmax(model.decode(memory, mask, prefix)[:, -1], axis=-1)
+      return jax.nn.log_softmax(model.decode(memory, mask, prefix, last_only=True), axis=-1)
 
     items, _, scores = beam_search(log_probs_fn, inputs.shape[0], trie, offsets, level_sizes,
                                    beam_size, constrained=constrained)
