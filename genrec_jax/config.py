@@ -89,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grm.patience = 15  # Evaluations without improvement before early stopping.
   c.grm.max_train_minutes = 0.0  # Stop training after this many minutes (0 = no limit).
   c.grm.select_metric = "ndcg@10"  # Validation metric of model selection.
-  c.grm.valid_users = 0  # Validation users used for model selection (0 = all; final = all).
+  c.grm.valid_users = 0  # Validation users for model selection and reported valid metrics
+  #                        (a fixed random subset; 0 = all). Test metrics always use every user.
 
   c.continual = ml_collections.ConfigDict()  # Used by method "continual" (DACT and baselines).
   c.continual.methods = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer",

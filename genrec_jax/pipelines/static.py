@@ -202,7 +202,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        os.path.join(workdir, "checkpoints", "grm"))
     timing["grm_train"] = time.time() - t
     t = time.time()
-    results["metrics"] = {"valid": trainer.evaluate(params, table, inter.num_items, split.valid),
+    results["metrics"] = {"valid": trainer.evaluate(params, table, inter.num_items, selection),
+                          "valid_users": len(selection),
                           "test": trainer.evaluate(params, table, inter.num_items, split.test),
                           "best_epoch": loop_state["best_epoch"] + 1,
                           "epochs_run": loop_state["epoch"] + 1}

@@ -83,7 +83,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
     seconds = time.time() - t0
     state["train_seconds"] += seconds
     record = {"epoch": epoch, "loss": loss, "samples_per_s": samples / max(seconds, 1e-9)}
-    if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
+    over_budget = (cfg.max_train_seconds is not None and
+                   state["train_seconds"] >= cfg.max_train_seconds)
+    if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1 or over_budget:
       metrics = evaluate(params)
       record["valid"] = metrics
       if metrics[cfg.select_metric] > state["best_metric"]:
@@ -92,8 +94,6 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
       else:
         state["bad_evals"] += 1
         state["done"] = state["bad_evals"] >= cfg.patience
-    over_budget = (cfg.max_train_seconds is not None and
-                   state["train_seconds"] >= cfg.max_train_seconds)
     state["done"] = state["done"] or over_budget
     state["history"].append(record)
     state["epoch"] = epoch
