@@ -30,7 +30,7 @@ def write_synthetic(directory, num_users=240, num_items=48, length=8, seed=0, la
   rows = []
   for u in range(num_users):
     item = rng.integers(num_items)
-    late = u >= num_users * 3 // 4
+    late = late_items > 0 and u >= num_users * 3 // 4
     for t in range(length):
       shown = num_items + rng.integers(late_items) if late and rng.random() < 0.3 else item
       rows.append((f"u{u:04d}", f"i{shown:03d}", 1_400_000_000 + 86400 * (u + t)))
