@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual.finetune_eval_every = 1  # Epochs between validations while adapting.
   c.continual.patience = 15  # Early-stopping patience while adapting (evaluations).
   c.continual.retrain_epochs = 200  # GRM epoch budget of "retrain from scratch" (RT).
+  c.continual.retrain_max_minutes = 0.0  # Time cap of each RT retraining (0 = none).
   c.continual.dact = ml_collections.ConfigDict()  # Tokenizer fine-tuning (naive FT and DACT).
   c.continual.dact.rho = 0.3  # Fraction of each batch treated as drifting (top-rho of g).
   c.continual.dact.tau = 0.1  # CDIM attention temperature.
@@ -142,8 +143,8 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   if preset != "cpu":
     raise ValueError(f"unknown preset {preset!r}; use '' (paper settings) or 'cpu'")
   c = config
-  c.sasrec.epochs = 20
-  c.tokenizer.steps = 2000
+  c.sasrec.epochs = 4
+  c.tokenizer.steps = 1000
   c.grm.d_model = 64
   c.grm.d_ff = 256
   c.grm.num_heads = 4
@@ -155,14 +156,15 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   c.grm.epochs = 30
   c.grm.eval_every = 3
   c.grm.patience = 3
-  c.grm.max_train_minutes = 8.0
+  c.grm.max_train_minutes = 7.0
   c.grm.eval_batch_size = 512
   c.grm.valid_users = 3000
-  c.continual.cf_finetune_epochs = 3
-  c.continual.finetune_epochs = 6
+  c.continual.cf_finetune_epochs = 2
+  c.continual.finetune_epochs = 4
   c.continual.finetune_eval_every = 2
-  c.continual.patience = 2
-  c.continual.retrain_epochs = 6
-  c.continual.dact.steps = 300
+  c.continual.patience = 1
+  c.continual.retrain_epochs = 4
+  c.continual.retrain_max_minutes = 1.5
+  c.continual.dact.steps = 200
   c.continual.dact.log_every = 100
   return c

@@ -63,6 +63,48 @@ def cheap_dropout(bits: int = 16):
   return dropout
 
 
+def _mix32(h):
+  """lowbias32 integer hash (a bijection of uint32)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def hash_dropout(x, rate, key):
+  """Drop-in for `t5.dropout` with a counter-based integer hash instead of threefry.
+
+  The mask is an elementwise function of (element index, two 32-bit seeds drawn from `key`),
+  so XLA fuses it into its consumers and recomputes it in the backward pass instead of
+  materialising random bits. Not cryptographic; plenty for dropout (check the keep rate with
+  `dropout_stats`).
+  """
+  if key is None or rate == 0.0:
+    return x
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for axis in range(x.ndim - 1, -1, -1):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+    stride *= x.shape[axis]
+  h = _mix32(_mix32(index ^ seeds[0]) + seeds[1])
+  keep = h >= jnp.uint32(min(int(round(rate * 2 ** 32)), 2 ** 32 - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def dropout_stats(fn, rate=0.1, shape=(256, 80, 1024)) -> dict:
+  """Keep rate, mean and correlation between two keys' masks of a dropout function."""
+  x = jnp.ones(shape, jnp.float32)
+  a = fn(x, rate, jax.random.key(1))
+  b = fn(x, rate, jax.random.key(2))
+  ka, kb = (a > 0).astype(jnp.float32), (b > 0).astype(jnp.float32)
+  corr = jnp.corrcoef(ka.reshape(-1)[:1_000_000], kb.reshape(-1)[:1_000_000])[0, 1]
+  return {"keep_rate": float(ka.mean()), "mean": float(a.mean()), "mask_corr_two_keys":
+          float(corr), "neighbour_corr": float(jnp.corrcoef(ka.reshape(-1)[:-1][:1_000_000],
+                                                             ka.reshape(-1)[1:][:1_000_000])[0, 1])}
+
+
 # -------------------------------------------------------------------------------- beam search
 
 
@@ -165,7 +207,7 @@ def make_fast_rank(trainer: GRMTrainer):
 def train_phases(specs: dict[str, list[int]], model_cfg, batch_size, steps, seed=0):
   """One interleavable phase per dropout variant, timing train steps on random token batches."""
   fns = {"library": LIBRARY_DROPOUT, "bits16": cheap_dropout(16), "bits8": cheap_dropout(8),
-         "no_dropout": LIBRARY_DROPOUT}
+         "hash": hash_dropout, "no_dropout": LIBRARY_DROPOUT}
   rng = np.random.default_rng(seed)
   mesh = make_mesh()
   phases = []
@@ -227,7 +269,7 @@ def main(argv=None):
   p.add_argument("--data", default=bg.DEFAULT_DATA)
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--train_variants", default="library:16,48,80;bits16:16,48,80;no_dropout:80",
-                 help="variant:lengths;... (variants: library, bits16, bits8, no_dropout)")
+                 help="variant:lengths;... (variants: library, bits16, bits8, hash, no_dropout)")
   p.add_argument("--train_steps", type=int, default=3, help="timed steps per variant and length")
   p.add_argument("--eval_users", type=int, default=1024)
   p.add_argument("--beam", type=int, default=20)
@@ -246,6 +288,9 @@ def main(argv=None):
   phases = []
 
   if not args.skip_train:
+    results["dropout_stats"] = {name: dropout_stats(fn) for name, fn in [
+        ("library", LIBRARY_DROPOUT), ("bits16", cheap_dropout(16)), ("hash", hash_dropout)]}
+    bg.log(f"dropout statistics: {results['dropout_stats']}")
     tphases = train_phases(parse_specs(args.train_variants), model_cfg, args.batch_size,
                            args.train_steps)
     phases += tphases

@@ -211,7 +211,7 @@ class ContinualRun:
       train, params, loop_cfg = retrain_samples(self.periods, t), None, LoopConfig(
           epochs=c.retrain_epochs, eval_every=c.finetune_eval_every, patience=c.patience,
           seed=self.config.seed + t,
-          max_train_seconds=self.config.grm.max_train_minutes * 60 or None)
+          max_train_seconds=c.retrain_max_minutes * 60 or None)
     else:
       raise ValueError(f"unknown recommender rule {mode!r}")
     start = time.time()
