@@ -6,21 +6,26 @@ Measures, on real Amazon-2014 Toys samples (real history lengths) with a random 
   a. JAX training (`GRMTrainer._train_step`): steps/s and samples/s with length bucketing
      (`GRMTrainConfig.length_buckets`) and with every batch padded to 80 tokens (20 items);
   b. JAX trie-constrained beam search (`GRMTrainer._rank`, the jitted body of `.rank`): users/s;
-  c. peak memory: per-phase peak RSS (VmHWM, reset between phases through /proc/self/clear_refs),
-     process ru_maxrss, XLA's memory analysis of the compiled train step and
-     `device.memory_stats()` (None on CPU);
+  c. peak memory: peak RSS of the process during each phase's warm-up on its largest shape
+     (VmHWM, reset through /proc/self/clear_refs), ru_maxrss, XLA's memory analysis of each
+     compiled train step and `device.memory_stats()` (None on CPU);
   d. the reference PyTorch setup (DACT/LETTER): HF `T5ForConditionalGeneration` of the same size
      trained with teacher forcing + AdamW on the same batches padded to 80 tokens, and
      `generate(num_beams=B, num_return_sequences=B, max_new_tokens=4,
      prefix_allowed_tokens_fn=<dict trie>)`;
   e. a table (metric, JAX, torch, JAX/torch) and a JSON file with machine information.
 
-Throughputs are "full pass" estimates: every step or ranking batch is timed on its own, the mean
-time per length bucket is weighted by the number of batches that bucket has in a full training
-epoch / validation pass. The plain average over the measured (bucket-stratified) batches is
-reported too.
+Every train step / ranking batch is timed on its own, after ahead-of-time compilation (compile
+time is reported separately) and one warm-up per phase. JAX throughputs are full-pass estimates:
+the median time per input shape weighted by the number of batches of that shape in one training
+epoch / validation pass (the mean- and fastest-based figures are in the JSON too). The timed
+units of all phases are interleaved (--no_interleave: one phase after the other), so that on a
+shared machine JAX and torch see the same load; `cpu_per_wall` tells how many cores the
+process really had. --cpus 0 pins the process to one core (XLA and torch then both run one
+thread): the like-for-like comparison when other jobs keep cores busy.
 
   python tools/bench_grm.py --model dact --json_out experiments/benchmarks/grm_cpu_2core.json
+  python tools/bench_grm.py --model dact --cpus 0 --json_out experiments/benchmarks/grm_cpu_1core.json
 
 torch/transformers are optional (`pip install -e .[bench]`); without them, or with --no_torch,
 the PyTorch part is skipped.
@@ -50,7 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from genrec_jax.data import leave_one_out, load_interactions  # noqa: E402
-from genrec_jax.data.batching import bucket_of  # noqa: E402
+from genrec_jax.data.batching import bucket_of  # noqa: E402,F401  (used by grm_speed_proto)
 from genrec_jax.data.splits import SampleSet  # noqa: E402
 from genrec_jax.decoding.trie import build_trie  # noqa: E402
 from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
@@ -636,14 +641,24 @@ def parse_args(argv=None):
   p.add_argument("--beam", type=int, default=20)
   p.add_argument("--buckets", default=None,
                  help="comma-separated history-length buckets (items); default: the library's")
-  p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
-                 help="also measure the HF PyTorch reference")
+  p.add_argument("--torch", dest="torch", action="store_true", default=True,
+                 help="also measure the HF PyTorch reference (default)")
+  p.add_argument("--no_torch", "--no-torch", dest="torch", action="store_false",
+                 help="JAX only")
   p.add_argument("--torch_train_steps", type=int, default=4, help="timed torch steps")
   p.add_argument("--torch_eval_users", type=int, default=256)
   p.add_argument("--torch_eval_batch_size", type=int, default=64)
-  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
-  p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
-                 help="alternate the timed units of all phases (fair on a shared machine)")
+  p.add_argument("--threads", type=int, default=None,
+                 help="torch intra-op threads (default: the CPUs this process may use)")
+  p.add_argument("--cpus", default=None,
+                 help="pin the process to these CPUs, e.g. '0' (XLA and torch size their thread "
+                      "pools from it): a like-for-like single-core comparison on a shared "
+                      "machine, where 2 threads on 2 busy cores stall at every barrier")
+  p.add_argument("--interleave", dest="interleave", action="store_true", default=True,
+                 help="alternate the timed units of all phases (default; fair on a shared "
+                      "machine)")
+  p.add_argument("--no_interleave", "--no-interleave", dest="interleave", action="store_false",
+                 help="time one phase after the other")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json_out", default=None)
   return p.parse_args(argv)
@@ -651,6 +666,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.cpus:  # before the XLA backend starts (it sizes its thread pool from the affinity)
+    os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+  if args.threads is None:
+    args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count())
   t_start = time.perf_counter()
   peak = PeakRSS()
   info = machine_info()
@@ -757,10 +777,20 @@ def main(argv=None):
     results["jax"]["beam_bucketing_gain"] = (results["jax"]["beam_bucketed"]["users_per_s"] /
                                              results["jax"]["beam_fixed80"]["users_per_s"])
   results["jax"]["final_loss"] = bucketed_state.loss
+  # Effective GFLOP/s (XLA's FLOP count of the step / median step time): a contention-independent
+  # view of how well each framework uses the cores (torch runs the same model at 80 tokens).
+  train_gflop = {k: v["gflop"] for k, v in bucketed_state.compile_s.items() if v.get("gflop")}
+  results["jax"]["train_gflop_by_tokens"] = train_gflop
+  results["jax"]["train_gflop_per_s_by_tokens"] = {
+      k: train_gflop[k] / results["jax"]["train_bucketed"]["median_s_by_tokens"][k]
+      for k in train_gflop}
   results["jax"]["memory"] = jax_memory(compiled_train)
   if torch_phases:
     results["torch"]["train"] = torch_phases[0].summary()
     results["torch"]["train"]["final_loss"] = tt.loss
+    if full_len in train_gflop:
+      results["torch"]["train"]["gflop_per_s_same_flops_as_jax"] = (
+          train_gflop[full_len] / results["torch"]["train"]["median_s_by_tokens"][full_len])
     results["torch"]["generate"] = torch_phases[1].summary()
     results["torch"]["generate"]["output_shape"] = tg.output_shape
     j, t = results["jax"], results["torch"]

@@ -3,18 +3,25 @@
 Everything here runs on the library's own modules and parameters (`genrec_jax.recommenders.t5`,
 `GRMTrainer`); nothing under genrec_jax/ is edited. Prototypes:
 
-  * `cheap_dropout`: dropout masks from 16 (or 8) random bits per element instead of one full
+  * `hash_dropout`: dropout masks from a counter-based integer hash of the element index and two
+    seeds drawn from the key, fused by XLA into the consumers (no random bits materialised).
+  * `cheap_dropout(bits)`: masks from 16 (or 8) threefry bits per element instead of one full
     threefry2x32 hash per element (partitionable threefry evaluates the hash once per output
     element whatever the width). Same keep probability up to 1/65536 (16 bits).
-  * `make_fast_rank`: trie-constrained beam search with the cross-attention keys/values of the
-    encoder computed once per user (not per beam and per step), beams grouped by user in the
-    cross-attention (no `jnp.repeat` of the encoder states), a self-attention K/V cache (each
-    step runs the decoder on the new position only) and a single decoder row per user at the
-    first step (all beams share the start token). Same search as `genrec_jax.decoding.beam_search`
-    (same candidate masking and top-k), so it ranks the same items.
-  * finer length buckets.
+  * `make_fast_rank`: trie-constrained beam search with per-layer self-attention K/V caches (each
+    step runs the decoder on the new position only), a single decoder row per user at the first
+    step (all beams hold the start token), cross-attention keys/values once per user and beams
+    grouped by user in the cross-attention. Same search as `genrec_jax.decoding.beam_search`
+    (same candidate masking and top-k), so it ranks the same items (checked on every run).
+  * finer length buckets (epoch estimates from a fit of the measured step times).
 
-  python tools/grm_speed_proto.py --json_out experiments/benchmarks/grm_proto_cpu_2core.json
+Timed units of all variants are interleaved (see tools/bench_grm.py).
+
+  python tools/grm_speed_proto.py --model dact --train_steps 2 \
+      --json_out experiments/benchmarks/grm_proto_cpu_2core.json
+  python tools/grm_speed_proto.py --model dact --skip_beam --train_steps 2 \
+      --train_variants "library:16,48,80;hash:16,48,80;no_dropout:16,80" \
+      --json_out experiments/benchmarks/grm_proto_dropout_cpu_2core.json
 """
 
 from __future__ import annotations
@@ -276,7 +283,8 @@ def main(argv=None):
   p.add_argument("--skip_train", action="store_true")
   p.add_argument("--skip_beam", action="store_true")
   p.add_argument("--fine_buckets", default="2,3,4,5,6,8,10,13,16,20")
-  p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--interleave", dest="interleave", action="store_true", default=True)
+  p.add_argument("--no_interleave", "--no-interleave", dest="interleave", action="store_false")
   p.add_argument("--json_out", default=None)
   args = p.parse_args(argv)
 
