@@ -29,7 +29,7 @@ def test_quantizer_matches_numpy_and_decodes():
   x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
   rq.init_kmeans(jnp.asarray(x), jax.random.key(0), iterations=10)
   out = rq(jnp.asarray(x))
-  codes, q = _numpy_rq(x, np.asarray(rq.codebooks.value))
+  codes, q = _numpy_rq(x, np.asarray(rq.codebooks[...]))
   np.testing.assert_array_equal(np.asarray(out.codes), codes)
   np.testing.assert_allclose(np.asarray(out.quantized), q, atol=1e-5)
   np.testing.assert_allclose(np.asarray(rq.decode(out.codes)), q, atol=1e-5)
