@@ -2,9 +2,7 @@
 
 import csv
 import json
-import os
 
-import numpy as np
 import pytest
 
 from genrec_jax.pipelines import continual
