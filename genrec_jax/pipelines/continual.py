@@ -55,6 +55,12 @@ METHOD_RULES = {
 }
 
 
+@nnx.jit
+def _quantized(tokenizer: RQVAE, features: jax.Array) -> jax.Array:
+  """Quantized latents [N, d] of item vectors [N, D_in]."""
+  return tokenizer(features).quant.quantized
+
+
 class ContinualRun:
   """State and stages of one continual run (one dataset, several methods)."""
 
@@ -180,8 +186,7 @@ class ContinualRun:
   def cf_alignment(self, tokenizer: RQVAE, t: int) -> float:
     """Mean cosine between each item's quantized latent and its period-t CF embedding."""
     _, features, cf = self.catalog_features(t)
-    quantized = nnx.jit(lambda m, x: m(x).quant.quantized)(tokenizer, jnp.asarray(features))
-    q = np.asarray(quantized)
+    q = np.asarray(_quantized(tokenizer, jnp.asarray(features)))
     q = q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-8)
     c = cf / (np.linalg.norm(cf, axis=1, keepdims=True) + 1e-8)
     return float(np.mean(np.sum(q * c, axis=1)))

@@ -118,10 +118,14 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
                  "seconds": time.time() - t0}
 
 
+@nnx.jit
+def _encode(model: RQVAE, x: jax.Array) -> jax.Array:
+  return model.encode(x)
+
+
 def encode_items(model: RQVAE, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
   """Codes int32 [N, L] of every item (argmin assignment)."""
-  encode = nnx.jit(lambda m, x: m.encode(x))
-  return np.concatenate([np.asarray(encode(model, jnp.asarray(features[i:i + batch_size])))
+  return np.concatenate([np.asarray(_encode(model, jnp.asarray(features[i:i + batch_size])))
                          for i in range(0, len(features), batch_size)])
 
 
