@@ -19,6 +19,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "tiger"  # "tiger" | "letter" | "sasrec" | "continual" (DACT + baselines).
   c.seed = 0  # Seeds every random choice (init, batch order, dropout): same seed, same numbers.
+  c.compilation_cache_dir = os.path.expanduser("~/.cache/genrec_jax/xla")  # JAX persistent
+  #   compilation cache: a rerun or resume skips recompiling every shape ("" = off).
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "toys"  # Dataset name reported in results.json.
@@ -83,7 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.grm.eval_batch_size = 256  # Users per beam-search batch.
   c.grm.beam_size = 20  # Beams = ranked items returned per user.
   c.grm.constrained = True  # Trie-constrained decoding (False: ETEGRec/UniGRec protocol).
-  c.grm.length_buckets = (4, 8, 13, 20)  # History-length buckets (items) for batching.
+  c.grm.length_buckets = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)  # History-length buckets (items):
+  #   a batch is padded to its bucket, so compute follows the real history lengths; each
+  #   bucket is one more compiled shape (cached on disk, see compilation_cache_dir).
   c.grm.epochs = 200  # Epoch budget.
   c.grm.eval_every = 1  # Epochs between validation evaluations (beam search).
   c.grm.patience = 15  # Evaluations without improvement before early stopping.
@@ -96,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual.methods = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer",
                          "dact")  # Rows of the DACT table to run, in this order.
   c.continual.fractions = (0.6, 0.7, 0.8, 0.9)  # Cumulative cut points of D0..D4.
+  c.continual.new_periods = ()  # Interaction files of later periods (data.format, no k-core
+  #   filter), in time order, appended after D4 as D5, D6, ...; run again with the same workdir
+  #   and only the new periods are computed (stored codebooks, identifiers and models carry over).
   c.continual.cf_finetune_epochs = 10  # SASRec fine-tuning epochs on each D_t.
   c.continual.finetune_epochs = 200  # GRM fine-tuning epoch budget per period (FT rules).
   c.continual.finetune_eval_every = 1  # Epochs between validations while adapting.

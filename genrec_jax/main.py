@@ -4,6 +4,7 @@ Any config field can be overridden, e.g. `--config.grm.epochs=5 --config.seed=1`
 with the same workdir resumes from the last checkpoint of the interrupted stage.
 """
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -21,6 +22,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup_logging()
+  if FLAGS.config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.config.compilation_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if FLAGS.config.method == "continual":
     continual.run(FLAGS.config, FLAGS.workdir)
   else:

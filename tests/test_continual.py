@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from genrec_jax.pipelines import continual
@@ -90,3 +91,93 @@ def test_continual_run_resumes_inside_a_period(tmp_path, monkeypatch):
   for name in config.continual.methods:
     for a, b in zip(resumed["methods"][name]["periods"], reference["methods"][name]["periods"]):
       assert a["test"] == b["test"] and a["code_change"] == b["code_change"]
+
+
+def test_a_new_period_extends_a_finished_run(tmp_path):
+  """Data arrives after the run: the stored periods are reused, one more period is computed."""
+  config = tiny_config(str(tmp_path), method="continual", late_items=8)
+  config.continual.methods = ("ft_both", "dact")
+  config.continual.fractions = (0.6, 0.8)
+  rows = list(csv.reader(open(config.data.path)))
+  header, rows = rows[0], rows[1:]
+  cut = sorted(int(r[2]) for r in rows)[int(len(rows) * 0.85)] // 86400 * 86400
+  # After the cut, the late items (i048..) come back under new ids: items nobody saw before.
+  rows = [[u, "n" + i[1:] if int(t) >= cut and int(i[1:]) >= 48 else i, t] for u, i, t in rows]
+  old_path, new_path = str(tmp_path / "old.csv"), str(tmp_path / "new.csv")
+  for path, part in ((old_path, [r for r in rows if int(r[2]) < cut]),
+                     (new_path, [r for r in rows if int(r[2]) >= cut])):
+    with open(path, "w", newline="") as f:
+      csv.writer(f).writerows([header] + part)
+  config.data.path = old_path
+  # Item vectors: one row per item in sorted raw-id order; the user extends the file when the
+  # new period brings new items.
+  from genrec_jax.data import load_interactions
+  known = sorted(load_interactions(old_path).item_ids.tolist())
+  every = sorted(set(known) | {r[1] for r in rows if int(r[2]) >= cut})
+  vectors = np.load(config.embeddings.file)
+  config.embeddings.file = str(tmp_path / "vectors.npy")
+  np.save(config.embeddings.file, vectors[[int(i[1:]) for i in known]])
+
+  workdir = tmp_path / "run"
+  first = continual.run(config, str(workdir))
+  before = {(m, t): (workdir / m / f"period_{t}" / "identifiers.csv").read_text()
+            for m in config.continual.methods for t in range(3)}
+
+  steps = {}  # checkpoint dir -> train steps taken in the second run
+  real_fit = loop.fit
+
+  def counting_fit(**kwargs):
+    directory, step = kwargs["checkpoint_dir"], kwargs["train_step"]
+    steps[directory] = 0
+
+    def counted(*args):
+      steps[directory] += 1
+      return step(*args)
+    return real_fit(**{**kwargs, "train_step": counted})
+
+  config.continual.new_periods = (new_path,)
+  np.save(config.embeddings.file, vectors[[int(i[1:]) for i in every]])
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, "fit", counting_fit)
+    second = continual.run(config, str(workdir))
+
+  assert [p["period"] for p in second["periods"]] == [0, 1, 2, 3]
+  assert second["periods"][:3] == first["periods"]
+  new_items = second["periods"][3]["new_items"]
+  assert new_items > 0 and second["dataset"]["items"] == first["dataset"]["items"] + new_items
+  for name in config.continual.methods:
+    old_rows, rows_now = first["methods"][name]["periods"], second["methods"][name]["periods"]
+    assert rows_now[:2] == old_rows  # stored results, not re-evaluated
+    assert rows_now[2]["period"] == 3 and rows_now[2]["identifiers"]["duplicates"] == 0
+    for t in range(3):  # stored identifier tables (and so item indices) did not move
+      assert (workdir / name / f"period_{t}" / "identifiers.csv").read_text() == before[name, t]
+    table = _identifiers(workdir / name / "period_3" / "identifiers.csv")
+    previous = _identifiers(workdir / name / "period_2" / "identifiers.csv")
+    assert len(table) == len(previous) + new_items and set(previous) < set(table)
+    assert len(set(table.values())) == len(table)
+  # Only the new period trained anything (CF model and recommenders); the rest was restored.
+  assert steps and all((n > 0) == ("period_3" in d) for d, n in steps.items()), steps
+  assert sum("period_3" in d for d in steps) == 1 + len(config.continual.methods)
+  with pytest.raises(ValueError, match="another config"):
+    config.tokenizer.steps += 1
+    continual.run(config, str(workdir))
+
+
+def test_a_new_period_must_start_after_the_data(tmp_path):
+  from genrec_jax.data import DataError, append_interactions, load_interactions
+  from genrec_jax.data.interactions import RawInteractions
+  config = tiny_config(str(tmp_path))
+  inter = load_interactions(config.data.path)
+  last = int(inter.timestamp.max())
+  late = RawInteractions(np.array(["u0001", "new_user"]), np.array(["i001", "new_item"]),
+                         np.array([last + 86400, last], np.int64), "new.csv")
+  with pytest.raises(DataError, match=r"new.csv: 1 interactions fall on or before .* row 2"):
+    append_interactions(inter, late)
+  ok = append_interactions(inter, late.take(np.array([0])))
+  assert ok.num_items == inter.num_items and ok.num_users == inter.num_users
+  both = append_interactions(inter, RawInteractions(
+      np.array(["new_user", "u0001"]), np.array(["new_item", "i001"]),
+      np.array([last + 86400] * 2, np.int64), "new.csv"))
+  assert both.item_ids[:-1].tolist() == inter.item_ids.tolist()
+  assert both.item_ids[-1] == "new_item" and both.user_ids[-1] == "new_user"
+  assert both.num_interactions == inter.num_interactions + 2

@@ -37,12 +37,25 @@ def _brute_force_scores(model, inputs, table):
   return jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0].sum(-1).reshape(b, m)
 
 
-def _search(model, inputs, table, beam, constrained=True):
+def _search(model, inputs, table, beam, constrained=True, cached=True):
+  """Beam search driven by the model's K/V cache, or (cached=False) by re-running the decoder
+  on the whole prefix, carried as the search state."""
   enc, mask = model.encode(inputs)
   memory = model.decoder_memory(enc)
-  fn = lambda prefix: jax.nn.log_softmax(model.decode(memory, mask, prefix, last_only=True), -1)
+  b = inputs.shape[0]
+
+  def cached_step(last, cache):
+    logits, cache = model.decode_step(memory, mask, last, cache)
+    return jax.nn.log_softmax(logits, -1), cache
+
+  def prefix_step(last, prefix):
+    prefix = jnp.concatenate([prefix, last], axis=1)
+    return jax.nn.log_softmax(model.decode(memory, mask, prefix)[:, -1], -1), prefix
+
+  step, state = ((cached_step, model.init_cache(b)) if cached else
+                 (prefix_step, jnp.zeros((b, 0), jnp.int32)))
   trie = jax.tree.map(jnp.asarray, build_trie(table))
-  return jax.jit(lambda: beam_search(fn, inputs.shape[0], trie, tuple(table.offsets.tolist()),
+  return jax.jit(lambda: beam_search(step, state, b, trie, tuple(table.offsets.tolist()),
                                      table.level_sizes, beam, constrained=constrained))()
 
 
@@ -61,6 +74,18 @@ def test_beam_as_large_as_catalog_equals_exhaustive_scoring():
     np.testing.assert_allclose(brute[b][np.asarray(items[b])], np.asarray(scores[b]),
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(tokens[b]), table.tokens()[np.asarray(items[b])])
+
+
+def test_cached_search_equals_search_that_reruns_the_prefix():
+  table = _table(num_items=200, k=6, levels=3, seed=7)
+  model = _model(table, seed=5)
+  inputs = jnp.asarray(np.random.default_rng(4).integers(1, table.vocab_size, (5, 8)))
+  for constrained in (True, False):
+    fast = _search(model, inputs, table, beam=7, constrained=constrained)
+    slow = _search(model, inputs, table, beam=7, constrained=constrained, cached=False)
+    np.testing.assert_array_equal(np.asarray(fast[0]), np.asarray(slow[0]))
+    np.testing.assert_array_equal(np.asarray(fast[1]), np.asarray(slow[1]))
+    np.testing.assert_allclose(np.asarray(fast[2]), np.asarray(slow[2]), rtol=1e-5, atol=1e-5)
 
 
 def test_small_beam_returns_only_valid_items_in_score_order():

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from genrec_jax.recommenders.sasrec import SASRec, SASRecConfig
-from genrec_jax.recommenders.t5 import T5, T5Config, relative_position_bucket
+from genrec_jax.recommenders.t5 import T5, T5Config, dropout, relative_position_bucket
 
 
 def test_t5_logits_do_not_depend_on_left_padding():
@@ -31,6 +31,39 @@ def test_t5_dropout_is_keyed_and_off_without_key():
   assert not np.allclose(np.asarray(a), np.asarray(c))
   np.testing.assert_array_equal(np.asarray(model(tokens, decoder)),
                                 np.asarray(model(tokens, decoder)))
+
+
+def test_dropout_mask_keep_rate_scale_and_independence():
+  x = jnp.ones((64, 80, 256), jnp.float32)
+  a, b = dropout(x, 0.1, jax.random.key(1)), dropout(x, 0.1, jax.random.key(2))
+  ka, kb = np.asarray(a > 0, np.float64).ravel(), np.asarray(b > 0, np.float64).ravel()
+  n = ka.size  # 1.3 M draws: the keep rate's standard error is 2.6e-4
+  assert abs(ka.mean() - 0.9) < 5 * np.sqrt(0.09 / n)
+  np.testing.assert_allclose(np.asarray(a)[np.asarray(a) > 0], 1 / 0.9, rtol=1e-6)
+  assert abs(float(np.asarray(a).mean()) - 1.0) < 5 * np.sqrt(0.09 / n) / 0.9
+  # Masks of two keys, and neighbouring elements of one mask, are uncorrelated.
+  assert abs(np.corrcoef(ka, kb)[0, 1]) < 5 / np.sqrt(n)
+  assert abs(np.corrcoef(ka[:-1], ka[1:])[0, 1]) < 5 / np.sqrt(n)
+  assert abs(np.corrcoef(ka[:-256], ka[256:])[0, 1]) < 5 / np.sqrt(n)
+  np.testing.assert_array_equal(np.asarray(dropout(x, 0.1, None)), np.asarray(x))
+
+
+def test_incremental_decoding_with_cache_equals_full_decoder():
+  model = T5(T5Config(vocab_size=30, d_model=16, d_ff=32, num_heads=2, d_kv=8,
+                      num_encoder_layers=1, num_decoder_layers=3), rngs=nnx.Rngs(4))
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, 30, (2, 7)))
+  prefix = jnp.asarray(rng.integers(1, 30, (6, 5))).at[:, 0].set(0)  # 3 rows per example
+  encoded, mask = model.encode(tokens)
+  full = model.decode(encoded, mask, prefix)  # [6, 5, V]
+  memory = model.decoder_memory(encoded)
+  cache = model.init_cache(6)
+  logits, cache = model.decode_step(memory, mask, prefix[:, :2], cache)  # two positions at once
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, 1]), atol=1e-5)
+  for pos in range(2, 5):
+    logits, cache = model.decode_step(memory, mask, prefix[:, pos:pos + 1], cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, pos]), atol=1e-5)
+  assert cache[0][0].shape == (6, 5, 2, 8)
 
 
 def test_relative_position_buckets_match_t5_reference_values():

@@ -74,6 +74,11 @@ def test_checkpoint_of_another_model_fails_loudly(tmp_path):
   static.run(config, str(tmp_path / "run"))
   config.grm.d_ff = 64
   config.grm.epochs = 2
+  # The workdir remembers its config and names what changed ...
+  with pytest.raises(ValueError, match=r"grm.d_ff: 32 -> 64; grm.epochs: 1 -> 2"):
+    static.run(config, str(tmp_path / "run"))
+  # ... and without that record, the checkpoint itself refuses the other model.
+  os.remove(tmp_path / "run" / "config.json")
   from genrec_jax.training.checkpoint import CheckpointMismatchError
   with pytest.raises(CheckpointMismatchError, match="does not match the model"):
     static.run(config, str(tmp_path / "run"))

@@ -65,8 +65,10 @@ class Interactions:
     """Indexed interactions, rows sorted by user index, then stably by timestamp.
 
     Attributes:
-      user: int32 [N] user index in 0..U-1 (rank of the raw id among sorted raw user ids).
-      item: int32 [N] item index in 0..I-1 (rank of the raw id among sorted raw item ids).
+      user: int32 [N] user index in 0..U-1 (rank of the raw id among sorted raw user ids;
+        users first seen in an appended period follow, see `append_interactions`).
+      item: int32 [N] item index in 0..I-1 (rank of the raw id among sorted raw item ids;
+        likewise).
       timestamp: int64 [N] unix seconds.
       user_ids: str [U] raw user id of each user index.
       item_ids: str [I] raw item id of each item index.
@@ -293,6 +295,54 @@ def index_interactions(raw: RawInteractions) -> Interactions:
         user_ids=user_ids,
         item_ids=item_ids,
         source=raw.source,
+    )
+
+
+def append_interactions(inter: Interactions, raw: RawInteractions) -> Interactions:
+    """`inter` followed by newer rows `raw` (a new time period), with stable indices.
+
+    Users and items already in `inter` keep their indices; new ones get the next indices, in
+    sorted raw-id order, so every table indexed by item (CF embeddings, identifier tables,
+    semantic vectors) stays valid and only grows. The new rows are not k-core filtered: the
+    catalog of earlier periods was fixed by the filter, and a new period brings whatever
+    arrived. Rows are re-sorted by user, then stably by time.
+
+    Raises DataError (naming `raw.source` and the first offending row) if `raw` is empty or any
+    of its rows falls on or before the last UTC day of `inter`: periods are whole days.
+    """
+    if len(raw) == 0:
+        raise DataError(f"{raw.source}: no interactions in the new period's file")
+    last_day = int(inter.timestamp.max()) // 86400
+    early = np.flatnonzero(raw.timestamps // 86400 <= last_day)
+    if early.size:
+        row = int(early[0])
+        raise DataError(
+            f"{raw.source}: {early.size} interactions fall on or before "
+            f"{np.datetime64(last_day, 'D')}, the last day of the existing data (first: row "
+            f"{row + 1}, user {raw.users[row]!r}, item {raw.items[row]!r}, timestamp "
+            f"{int(raw.timestamps[row])}); a new period must start on a later day"
+        )
+
+    def extend(ids: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        added = np.setdiff1d(np.unique(new), ids)
+        all_ids = np.concatenate([ids, added])
+        order = np.argsort(all_ids, kind="stable")
+        found = order[np.searchsorted(all_ids[order], new)]
+        return all_ids, found.astype(np.int32)
+
+    user_ids, user = extend(inter.user_ids.astype(str), raw.users.astype(str))
+    item_ids, item = extend(inter.item_ids.astype(str), raw.items.astype(str))
+    users = np.concatenate([inter.user, user])
+    times = np.concatenate([inter.timestamp, raw.timestamps.astype(np.int64)])
+    order = np.argsort(times, kind="stable")
+    order = order[np.argsort(users[order], kind="stable")]
+    return Interactions(
+        user=users[order].astype(np.int32),
+        item=np.concatenate([inter.item, item])[order].astype(np.int32),
+        timestamp=times[order],
+        user_ids=user_ids,
+        item_ids=item_ids,
+        source=f"{inter.source} + {raw.source}",
     )
 
 

@@ -105,7 +105,7 @@ def _cf_windows(
 
 
 def continual_split(inter: Interactions, fractions=FRACTIONS, max_history: int = 20,
-                    cf_max_len: int = 50) -> list[Period]:
+                    cf_max_len: int = 50, appended_after: tuple[int, ...] = ()) -> list[Period]:
   """Splits `inter` (rows sorted by user, then time) into the continual protocol's periods.
 
   Args:
@@ -113,10 +113,14 @@ def continual_split(inter: Interactions, fractions=FRACTIONS, max_history: int =
     fractions: cut points of `period_boundaries`.
     max_history: history length of the train / valid / test samples.
     cf_max_len: input length of the CF fine-tuning windows.
+    appended_after: for periods appended to the original data (`append_interactions`), the
+      last day (UTC day number) of the data before each appended period. The fractions cut
+      the interactions up to appended_after[0]; each appended period is one more period.
 
   Returns:
-    the P = len(fractions) + 1 periods in time order. Raises DataError if the rows are not
-    sorted or a period would be empty (one day holding more than the gap between cut points).
+    the P = len(fractions) + 1 + len(appended_after) periods in time order. Raises DataError
+    if the rows are not sorted or a period would be empty (one day holding more than the gap
+    between cut points).
   """
   if max_history < 1 or cf_max_len < 1:
     raise ValueError(f"max_history and cf_max_len must be >= 1, got {max_history}, {cf_max_len}")
@@ -124,7 +128,11 @@ def continual_split(inter: Interactions, fractions=FRACTIONS, max_history: int =
   if np.any(np.diff(inter.user) < 0) or np.any(np.diff(inter.timestamp)[same_user] < 0):
     raise DataError(f"{inter.source}: rows are not sorted by user, then time")
   day = inter.timestamp // SECONDS_PER_DAY
-  bounds = np.asarray(period_boundaries(inter.timestamp, fractions), dtype=np.int64)
+  if np.any(np.diff(appended_after) <= 0):
+    raise ValueError(f"appended_after must be increasing day numbers, got {appended_after}")
+  base = day <= appended_after[0] if appended_after else np.ones(day.shape, bool)
+  bounds = np.asarray(period_boundaries(inter.timestamp[base], fractions)
+                      + [int(d) for d in appended_after], dtype=np.int64)
   period = np.searchsorted(bounds, day, side="left")  # [N] period of each row
   num_periods = len(bounds) + 1
   sizes = np.bincount(period, minlength=num_periods)

@@ -1,8 +1,12 @@
 """Batched, jit-compiled beam search over fixed-length identifiers.
 
-The decoder knows nothing of the model (in the spirit of t5x/decoding.py): the caller supplies
-`log_probs_fn(prefix) -> log-probabilities of the next token`. Each step reads the trie arrays
-(gathers), so the whole search compiles into one XLA program.
+The search knows nothing of the model (in the spirit of t5x/decoding.py): the caller supplies
+`step_fn(last_tokens, state) -> (next-token log-probabilities, state)`, where `state` is any
+pytree whose leaves have the decoder rows on axis 0 (a self-attention key/value cache, or simply
+the prefix so far). The search runs the first step on one row per example (every beam holds only
+the start token), then repeats the state over the beams and, after each top-k, reorders it by
+parent beam. Each step reads the trie arrays (gathers), so the whole search compiles into one
+XLA program.
 
 Constrained mode (default, DACT/LETTER protocol) masks every symbol that leaves the trie, so only
 valid identifiers come out and the search is exact up to the beam width: with a beam at least as
@@ -13,7 +17,7 @@ spell no identifier map to item -1 (a miss).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +27,27 @@ from genrec_jax.decoding.trie import Trie
 NEG_INF = -1e30
 
 
-def beam_search(log_probs_fn: Callable[[jax.Array], jax.Array], batch_size: int,
-                trie: Trie, offsets: tuple[int, ...], level_sizes: tuple[int, ...],
-                beam_size: int, *, constrained: bool = True
+StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
+                offsets: tuple[int, ...], level_sizes: tuple[int, ...], beam_size: int, *,
+                constrained: bool = True, start_token: int = 0
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Finds the top `beam_size` identifiers per example.
 
   Args:
-    log_probs_fn: maps decoder prefixes int32 [batch_size * beam_size, s] (s = 1..depth, the
-      first column the start token 0, rows grouped by example) to next-token log-probabilities
-      [batch_size * beam_size, vocab].
+    step_fn: maps the newest decoder token of every row, int32 [R, 1], and the decoding state
+      to next-token log-probabilities [R, vocab] and the updated state. R = batch_size at the
+      first step (the start token), then batch_size * beam_size (rows grouped by example).
+    init_state: the state before the start token; leaves have batch_size rows on axis 0.
     batch_size: number of examples B.
     trie: dense trie of valid identifiers.
     offsets: token id of symbol 0 at each identifier position (static).
     level_sizes: symbols per position (static).
     beam_size: beams kept per example.
     constrained: restrict beams to trie prefixes.
+    start_token: the decoder's first input token.
 
   Returns:
     items: int32 [B, beam] item index of each beam in score order (-1 = invalid / empty beam),
@@ -46,15 +55,18 @@ def beam_search(log_probs_fn: Callable[[jax.Array], jax.Array], batch_size: int,
     scores: float32 [B, beam] sequence log-probabilities (NEG_INF for empty beams).
   """
   depth = len(level_sizes)
+  logp, state = step_fn(jnp.full((batch_size, 1), start_token, jnp.int32), init_state)
+  logp = jnp.repeat(logp[:, None], beam_size, axis=1)  # [B, beam, vocab]
+  state = jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), state)
   scores = jnp.full((batch_size, beam_size), NEG_INF).at[:, 0].set(0.0)
   nodes = jnp.zeros((batch_size, beam_size), jnp.int32)
   tokens = jnp.zeros((batch_size, beam_size, 0), jnp.int32)
   for pos in range(depth):
-    prefix = jnp.concatenate(
-        [jnp.zeros((batch_size, beam_size, 1), jnp.int32), tokens], axis=-1)
-    logp = log_probs_fn(prefix.reshape(batch_size * beam_size, pos + 1))
+    if pos > 0:
+      logp, state = step_fn(tokens[..., -1].reshape(-1, 1), state)
+      logp = logp.reshape(batch_size, beam_size, -1)
     size = level_sizes[pos]
-    logp = logp[:, offsets[pos]:offsets[pos] + size].reshape(batch_size, beam_size, size)
+    logp = logp[..., offsets[pos]:offsets[pos] + size]
     child = trie.children[jnp.maximum(nodes, 0)][..., :size]  # [B, beam, size]
     child = jnp.where(nodes[..., None] >= 0, child, -1)
     candidate = scores[..., None] + logp
@@ -67,6 +79,9 @@ def beam_search(log_probs_fn: Callable[[jax.Array], jax.Array], batch_size: int,
     tokens = jnp.concatenate([
         jnp.take_along_axis(tokens, parent[..., None], axis=1),
         (symbol + offsets[pos])[..., None].astype(jnp.int32)], axis=-1)
+    if pos + 1 < depth:
+      rows = (jnp.arange(batch_size)[:, None] * beam_size + parent).reshape(-1)
+      state = jax.tree.map(lambda x: x[rows], state)
   items = jnp.where((nodes >= 0) & (scores > NEG_INF / 2),
                     trie.leaf_item[jnp.maximum(nodes, 0)], -1)
   return items, tokens, scores

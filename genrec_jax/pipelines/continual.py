@@ -18,6 +18,7 @@ WORKDIR/checkpoints/..., so an interrupted run resumes in the period where it st
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -28,12 +29,15 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from genrec_jax.data.periods import Period, continual_split, period_summary, retrain_samples
+from genrec_jax.data import append_interactions, read_interactions
+from genrec_jax.data.periods import (SECONDS_PER_DAY, Period, continual_split, period_summary,
+                                     retrain_samples)
 from genrec_jax.data.splits import subsample
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.evaluation.report import write_report
-from genrec_jax.pipelines.static import (grm_trainer, item_features, load_dataset,
-                                         rqvae_config, sasrec_trainer, write_json)
+from genrec_jax.pipelines.static import (check_workdir_config, grm_trainer, item_features,
+                                         load_dataset, rqvae_config, sasrec_trainer,
+                                         write_json)
 from genrec_jax.tokenizers import reassign
 from genrec_jax.tokenizers.dact import CDIM, DACTConfig, finetune_tokenizer
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, write_identifiers_csv
@@ -72,10 +76,24 @@ class ContinualRun:
     self.config, self.workdir = config, workdir
     self.mesh = make_mesh()
     self.inter = load_dataset(config, workdir)
+    # Appended periods: new users/items get the next indices, so stored state stays valid.
+    self.item_chunks = [self.inter.item_ids]  # raw ids of the items each data file added
+    appended_after = []
+    for path in config.continual.new_periods:
+      appended_after.append(int(self.inter.timestamp.max()) // SECONDS_PER_DAY)
+      known = self.inter.num_items
+      self.inter = append_interactions(self.inter, read_interactions(path, config.data.format))
+      self.item_chunks.append(self.inter.item_ids[known:])
     self.periods: list[Period] = continual_split(
         self.inter, tuple(config.continual.fractions), config.data.max_history,
-        config.sasrec.max_len)
+        config.sasrec.max_len, tuple(appended_after))
     self.num_items = self.inter.num_items
+    base_periods = len(config.continual.fractions) + 1
+    # Rows of the CF item table in period t: every item of the original data, then the items of
+    # each appended period from that period on.
+    chunk_ends = np.cumsum([len(c) for c in self.item_chunks])
+    self.cf_rows = [int(chunk_ends[max(0, t - base_periods + 1)])
+                    for t in range(len(self.periods))]
     self.t = config.tokenizer
     self.dedup_size = self.t.dedup_size
     self.level_sizes = (self.t.codebook_size,) * self.t.num_levels + (self.dedup_size,)
@@ -100,10 +118,17 @@ class ContinualRun:
 
   # ------------------------------------------------------------------------------ stages
   def train_cf_chain(self) -> None:
-    """SASRec (32-d) trained on D0, then fine-tuned on every D_t; cf[t] = its item table."""
-    trainer = sasrec_trainer(self.config, self.num_items, self.mesh)
-    params = None
+    """SASRec (32-d) trained on D0, then fine-tuned on every D_t; cf[t] = its item table.
+
+    The item table covers every item of the original data from period 0 on; an appended
+    period's new items get fresh rows (`SASRecTrainer.grow_item_table`) before fine-tuning.
+    """
+    trainer, params = None, None
     for t, period in enumerate(self.periods):
+      if trainer is None or trainer.model_cfg.num_items != self.cf_rows[t]:
+        trainer = sasrec_trainer(self.config, self.cf_rows[t], self.mesh)
+        if params is not None:
+          params = trainer.grow_item_table(params)
       loop_cfg = None if t == 0 else LoopConfig(
           epochs=self.config.continual.cf_finetune_epochs, eval_every=1, patience=2,
           seed=self.config.seed)
@@ -111,7 +136,8 @@ class ContinualRun:
       params, _ = trainer.train(period.cf_windows, period.valid,
                                 self.ckpt_dir("cf", f"period_{t}"), params=params,
                                 loop_cfg=loop_cfg)
-      self.cf.append(trainer.item_embeddings(params))
+      table = trainer.item_embeddings(params)  # [cf_rows[t], d], padded to every item
+      self.cf.append(np.pad(table, ((0, self.num_items - table.shape[0]), (0, 0))))
       logging.info("[cf] period %d: %.1fs", t, time.time() - start)
 
   def tokenizer_state(self, rule: str, t: int) -> tuple[RQVAE, CDIM | None]:
@@ -238,7 +264,12 @@ class ContinualRun:
     results = {"dataset": {"name": self.config.data.name, **self.inter.stats()},
                "method": "continual", "periods": summary, "config": self.config.to_dict(),
                "methods": {}, "timing": {}}
-    self.features = item_features(self.config, self.inter, None)
+    if self.config.embeddings.source == "minilm":  # cached per data file: appending is cheap
+      self.features = np.concatenate([item_features(self.config, ids, None)
+                                      for ids in self.item_chunks])
+    else:  # a user file: one row per item in sorted raw-id order, appended items included
+      vectors = item_features(self.config, self.inter.item_ids, None)
+      self.features = vectors[np.argsort(np.argsort(self.inter.item_ids, kind="stable"))]
     start = time.time()
     self.train_cf_chain()
     results["timing"]["cf"] = time.time() - start
@@ -250,12 +281,13 @@ class ContinualRun:
         base_table, self.num_items, self.periods[0].train,
         subsample(self.periods[0].valid, self.config.grm.valid_users, self.config.seed),
         self.ckpt_dir("period_0", "grm"))
-    results["period_0"] = {**self.evaluate(base_params, base_table, 0),
-                           "best_epoch": base_state["best_epoch"] + 1,
-                           "seconds": time.time() - start,
-                           "tokenizer_seconds": self.tokenizer_seconds[("frozen", 0)],
-                           "code_usage": code_usage(base_table.codes[:, :-1],
-                                                    self.t.codebook_size)}
+    results["period_0"] = cached_row(
+        os.path.join(self.workdir, "period_0", "result.json"),
+        lambda: {**self.evaluate(base_params, base_table, 0),
+                 "best_epoch": base_state["best_epoch"] + 1,
+                 "seconds": time.time() - start,
+                 "tokenizer_seconds": self.tokenizer_seconds[("frozen", 0)],
+                 "code_usage": code_usage(base_table.codes[:, :-1], self.t.codebook_size)})
     logging.info("[period 0] test %s", _fmt(results["period_0"]["test"]))
     results["timing"]["period_0"] = time.time() - start
 
@@ -280,14 +312,15 @@ class ContinualRun:
       tokenizer_seconds = (0.0 if tok_rule == "frozen"
                            else self.tokenizer_seconds[(tok_rule, t)])
       params, grm_seconds = self.train_grm(name, table, t, params, grm_rule)
-      row = {"period": t, **self.evaluate(params, table, t),
-             "code_change": reassign.code_change_rates(previous, table),
-             "seconds": tokenizer_seconds + grm_seconds,
-             "tokenizer_seconds": tokenizer_seconds, "grm_seconds": grm_seconds,
-             "cf_alignment": self.cf_alignment(self.tokenizer_state(tok_rule, t)[0], t),
-             "identifiers": {"items": int(table.codes.shape[0]),
-                             "duplicates": table.duplicates(),
-                             "max_dedup_digit": int(table.codes[:, -1].max())}}
+      row = cached_row(os.path.join(out_dir, f"period_{t}", "result.json"), lambda: {
+          "period": t, **self.evaluate(params, table, t),
+          "code_change": reassign.code_change_rates(previous, table),
+          "seconds": tokenizer_seconds + grm_seconds,
+          "tokenizer_seconds": tokenizer_seconds, "grm_seconds": grm_seconds,
+          "cf_alignment": self.cf_alignment(self.tokenizer_state(tok_rule, t)[0], t),
+          "identifiers": {"items": int(table.codes.shape[0]),
+                          "duplicates": table.duplicates(),
+                          "max_dedup_digit": int(table.codes[:, -1].max())}})
       write_identifiers_csv(os.path.join(out_dir, f"period_{t}", "identifiers.csv"), table,
                             self.inter.item_ids)
       logging.info("[%s] period %d test %s | code change overall %.3f | %.0fs", name, t,
@@ -296,6 +329,18 @@ class ContinualRun:
       previous = table
     return {"rules": {"tokenizer": tok_rule, "identifiers": id_rule, "recommender": grm_rule},
             "periods": rows}
+
+
+def cached_row(path: str, compute) -> dict:
+  """The results row stored at `path` by an earlier run of this workdir, else `compute()`,
+  stored there (a resumed or extended run re-evaluates nothing it already evaluated)."""
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  row = compute()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_json(path, row)
+  return row
 
 
 def analyses(results: dict) -> dict:
@@ -318,6 +363,7 @@ def analyses(results: dict) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every configured method across the periods; writes WORKDIR/results.json."""
   os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir, ("continual.methods", "continual.new_periods"))
   logging.info("devices: %d x %s", jax.device_count(), jax.devices()[0].platform)
   return ContinualRun(config, workdir).run()
 

@@ -93,8 +93,8 @@ def rqvae_config(config, input_dim: int) -> RQVAEConfig:
       diversity_weight=t.diversity_weight)
 
 
-def item_features(config, inter: Interactions, cf: np.ndarray | None) -> np.ndarray:
-  """Tokenizer input vectors [num_items, D] in item-index order."""
+def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.ndarray:
+  """Tokenizer input vectors [len(item_ids), D] for raw item ids (in item-index order)."""
   source = config.embeddings.source
   if source == "cf":
     if cf is None:
@@ -103,9 +103,9 @@ def item_features(config, inter: Interactions, cf: np.ndarray | None) -> np.ndar
     return cf
   from genrec_jax import text  # imported lazily: loads the sentence encoder's tokenizer
   if source == "file":
-    return text.load_embedding_file(config.embeddings.file, inter.num_items)
+    return text.load_embedding_file(config.embeddings.file, len(item_ids))
   if source == "minilm":
-    return text.semantic_embeddings(config.data.items_csv, [str(i) for i in inter.item_ids],
+    return text.semantic_embeddings(config.data.items_csv, [str(i) for i in item_ids],
                                     config.embeddings.cache_dir)
   raise ValueError(f"embeddings.source must be 'minilm', 'file' or 'cf', got {source!r}")
 
@@ -147,6 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
   os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir)
   timing, t0 = {}, time.time()
   mesh = make_mesh()
   logging.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform,
@@ -186,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if config.method != "sasrec":
     t = time.time()
-    features = item_features(config, inter, cf)
+    features = item_features(config, inter.item_ids, cf)
     timing["embeddings"] = time.time() - t
     t = time.time()
     table, tokenizer_stats = train_or_restore_tokenizer(config, workdir, features, cf)
@@ -216,6 +217,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   write_json(os.path.join(workdir, "results.json"), results)
   logging.info("results written to %s", os.path.join(workdir, "results.json"))
   return results
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
+                         may_change: tuple[str, ...] = ()) -> None:
+  """Stores the run's config in WORKDIR/config.json, or checks that it matches the stored one.
+
+  Checkpoints and stored results of a workdir belong to one config: a rerun with other
+  settings would silently mix stale state into its results. Fields in `may_change` (dotted
+  paths, e.g. adding continual methods or periods) and the local cache directories may differ.
+  Raises ValueError naming the differing fields.
+  """
+  def comparable(c):
+    d = json.loads(json.dumps(c.to_dict(), default=_json_default))
+    for field in may_change + ("compilation_cache_dir", "embeddings.cache_dir"):
+      *parents, leaf = field.split(".")
+      node = d
+      for name in parents:
+        node = node.get(name, {})
+      node.pop(leaf, None)
+    return d
+  path = os.path.join(workdir, "config.json")
+  current = comparable(config)
+  if not os.path.exists(path):
+    write_json(path, current)
+    return
+  with open(path) as f:
+    diffs = _differences(json.load(f), current)
+  if diffs:
+    raise ValueError(f"{workdir} holds a run made with another config ({'; '.join(diffs[:5])});"
+                     " use a new --workdir, or the stored config")
+
+
+def _differences(a, b, prefix="") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b))
+            for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+  return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
 def write_json(path: str, payload: dict) -> None:

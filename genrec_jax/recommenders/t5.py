@@ -34,11 +34,35 @@ class T5Config:
   relative_max_distance: int = 128
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """lowbias32 integer hash, a bijection of uint32 with good avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; identity when key is None (evaluation) or rate == 0."""
+  """Inverted dropout; identity when key is None (evaluation) or rate == 0.
+
+  The keep mask is a counter-based hash of (element index, two 32-bit seeds drawn from `key`)
+  rather than `jax.random.bernoulli`: threefry evaluates a full hash per element and XLA
+  materialises the random bits (two words per element, ~60 % of a CPU train step and ~1 GiB at
+  the DACT size), while this elementwise hash fuses into its consumers and is recomputed in the
+  backward pass. Masks of different keys are uncorrelated (tests/test_models.py checks the keep
+  rate and the correlation); the hash is not cryptographic, which dropout does not need.
+  """
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for axis in range(x.ndim - 1, -1, -1):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+    stride *= x.shape[axis]
+  bits = _mix32(_mix32(index ^ seeds[0]) + seeds[1])
+  keep = bits >= jnp.uint32(min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1))
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
@@ -143,16 +167,26 @@ class Block(nnx.Module):
     self.ff_norm = RMSNorm(cfg.d_model)
     self.ff = FeedForward(cfg, rngs)
 
-  def __call__(self, x, self_mask, self_bias, key, memory_kv=None, memory_mask=None):
+  def __call__(self, x, self_mask, self_bias, key, memory_kv=None, memory_mask=None,
+               past_kv=None):
+    """x [B, T, d_model] -> (x, self-attention keys/values [B, P + T, H, d_kv]).
+
+    `past_kv` holds the keys/values of P earlier positions (incremental decoding); the returned
+    keys/values extend it with this call's T positions.
+    """
     keys = _split(key, 6)
     h = self.self_norm(x)
-    h = self.self_attn(h, self.self_attn.project_kv(h), self_mask, self_bias, self.rate, keys[0])
+    k, v = self.self_attn.project_kv(h)
+    if past_kv is not None:
+      k = jnp.concatenate([past_kv[0], k], axis=1)
+      v = jnp.concatenate([past_kv[1], v], axis=1)
+    h = self.self_attn(h, (k, v), self_mask, self_bias, self.rate, keys[0])
     x = x + dropout(h, self.rate, keys[1])
     if self.cross_attn is not None:
       h = self.cross_attn(self.cross_norm(x), memory_kv, memory_mask, None, self.rate, keys[2])
       x = x + dropout(h, self.rate, keys[3])
     h = self.ff(self.ff_norm(x), self.rate, keys[4])
-    return x + dropout(h, self.rate, keys[5])
+    return x + dropout(h, self.rate, keys[5]), (k, v)
 
 
 class Stack(nnx.Module):
@@ -165,9 +199,10 @@ class Stack(nnx.Module):
     self.blocks = nnx.List([Block(cfg, decoder, rngs) for _ in range(num_layers)])
     self.final_norm = RMSNorm(cfg.d_model)
 
-  def position_bias(self, tq: int, tk: int) -> jax.Array:
-    """[1, H, tq, tk] additive bias from bucketed key - query offsets."""
-    rel = jnp.arange(tk)[None, :] - jnp.arange(tq)[:, None]
+  def position_bias(self, tq: int, tk: int, query_offset: int = 0) -> jax.Array:
+    """[1, H, tq, tk] additive bias from bucketed key - query offsets; queries sit at positions
+    query_offset .. query_offset + tq - 1, keys at 0 .. tk - 1."""
+    rel = jnp.arange(tk)[None, :] - (query_offset + jnp.arange(tq))[:, None]
     buckets = relative_position_bucket(rel, not self.decoder, self.cfg.relative_buckets,
                                        self.cfg.relative_max_distance)
     return jnp.transpose(self.relative_bias(buckets), (2, 0, 1))[None]
@@ -176,14 +211,25 @@ class Stack(nnx.Module):
     """Cross-attention keys/values of every block for encoder states [B, Tk, d_model]."""
     return [block.cross_attn.project_kv(memory) for block in self.blocks]
 
-  def __call__(self, x, self_mask, key, memory_kv=None, memory_mask=None):
+  def __call__(self, x, self_mask, key, memory_kv=None, memory_mask=None, cache=None):
+    """Embedded inputs x [B, T, d_model] -> (states [B, T, d_model], per-block self-attention
+    keys/values [B, P + T, H, d_kv]).
+
+    `cache` (decoder only) holds every block's keys/values of P earlier positions, so that
+    incremental decoding runs the stack on new positions only; self_mask is then
+    [B|1, 1, T, P + T].
+    """
     t = x.shape[1]
-    bias = self.position_bias(t, t)
+    past = 0 if cache is None else cache[0][0].shape[1]
+    bias = self.position_bias(t, past + t, past)
     keys = _split(key, len(self.blocks) + 2)
     x = dropout(x, self.cfg.dropout_rate, keys[-2])
+    new_cache = []
     for i, (block, k) in enumerate(zip(self.blocks, keys)):
-      x = block(x, self_mask, bias, k, None if memory_kv is None else memory_kv[i], memory_mask)
-    return dropout(self.final_norm(x), self.cfg.dropout_rate, keys[-1])
+      x, kv = block(x, self_mask, bias, k, None if memory_kv is None else memory_kv[i],
+                    memory_mask, None if cache is None else cache[i])
+      new_cache.append(kv)
+    return dropout(self.final_norm(x), self.cfg.dropout_rate, keys[-1]), new_cache
 
 
 class T5(nnx.Module):
@@ -200,7 +246,7 @@ class T5(nnx.Module):
              ) -> tuple[jax.Array, jax.Array]:
     """tokens int32 [B, T] (0 = pad) -> (states [B, T, d_model], mask bool [B, T])."""
     mask = tokens > 0
-    states = self.encoder(self.embed(tokens), mask[:, None, None, :], key)
+    states, _ = self.encoder(self.embed(tokens), mask[:, None, None, :], key)
     return states, mask
 
   def decoder_memory(self, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
@@ -209,21 +255,41 @@ class T5(nnx.Module):
     return self.decoder.memory_kv(encoded)
 
   def decode(self, memory, encoder_mask: jax.Array, decoder_tokens: jax.Array,
-             key: jax.Array | None = None, *, last_only: bool = False) -> jax.Array:
+             key: jax.Array | None = None) -> jax.Array:
     """Logits [B * G, S, vocab] for decoder inputs [B * G, S] (start token 0 first), causal.
 
     `memory` is either encoder states [B, T, d_model] or their `decoder_memory`; G >= 1 decoder
-    rows per example (beams) share it, rows grouped by example. With `last_only`, only the last
-    position is projected onto the vocabulary ([B * G, vocab]), which is all decoding needs.
+    rows per example (beams) share it, rows grouped by example (teacher forcing, scoring).
     """
+    h, _ = self._decoder_states(memory, encoder_mask, decoder_tokens, key, None)
+    return self._logits(h)
+
+  def init_cache(self, rows: int) -> list[tuple[jax.Array, jax.Array]]:
+    """An empty decoder self-attention cache for `rows` decoder rows (no positions yet)."""
+    empty = jnp.zeros((rows, 0, self.cfg.num_heads, self.cfg.d_kv), jnp.float32)
+    return [(empty, empty) for _ in self.decoder.blocks]
+
+  def decode_step(self, memory, encoder_mask: jax.Array, decoder_tokens: jax.Array,
+                  cache: list[tuple[jax.Array, jax.Array]]
+                  ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+    """Incremental decoding: the next-token logits [R, vocab] after decoder inputs [R, S] that
+    follow the P positions held in `cache` ([R, P, H, d_kv] per block), and the cache extended
+    by S positions. Equal to `decode` on the whole prefix at its last position, at the cost of
+    the new positions only; R = B * G rows share `memory` as in `decode`."""
+    h, cache = self._decoder_states(memory, encoder_mask, decoder_tokens, None, cache)
+    return self._logits(h[:, -1]), cache
+
+  def _decoder_states(self, memory, encoder_mask, decoder_tokens, key, cache):
     if not isinstance(memory, list):
       memory = self.decoder_memory(memory)
     s = decoder_tokens.shape[1]
-    causal = jnp.tril(jnp.ones((s, s), bool))[None, None]
-    h = self.decoder(self.embed(decoder_tokens), causal, key, memory,
-                     encoder_mask[:, None, None, :])
-    if last_only:
-      h = h[:, -1]
+    past = 0 if cache is None else cache[0][0].shape[1]
+    causal = jnp.arange(past + s)[None, :] <= (past + jnp.arange(s))[:, None]
+    return self.decoder(self.embed(decoder_tokens), causal[None, None], key, memory,
+                        encoder_mask[:, None, None, :], cache)
+
+  def _logits(self, h: jax.Array) -> jax.Array:
+    """Decoder states [..., d_model] -> vocabulary logits (tied embedding, T5 rescale)."""
     return (h * self.cfg.d_model ** -0.5) @ self.embed.embedding[...].T
 
   def __call__(self, tokens, decoder_tokens, key=None):

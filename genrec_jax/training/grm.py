@@ -45,7 +45,7 @@ class GRMTrainConfig:
   eval_batch_size: int = 256
   beam_size: int = 20
   constrained: bool = True
-  length_buckets: tuple[int, ...] = (4, 8, 13, 20)
+  length_buckets: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)
   loop: loop.LoopConfig = loop.LoopConfig(epochs=200, patience=15)
 
 
@@ -113,11 +113,13 @@ class GRMTrainer:
     encoded, mask = model.encode(inputs)
     memory = model.decoder_memory(encoded)  # once per user, shared by beams and steps
 
-    def log_probs_fn(prefix):
-      return jax.nn.log_softmax(model.decode(memory, mask, prefix, last_only=True), axis=-1)
+    def step_fn(last_tokens, cache):
+      logits, cache = model.decode_step(memory, mask, last_tokens, cache)
+      return jax.nn.log_softmax(logits, axis=-1), cache
 
-    items, _, scores = beam_search(log_probs_fn, inputs.shape[0], trie, offsets, level_sizes,
-                                   beam_size, constrained=constrained)
+    items, _, scores = beam_search(step_fn, model.init_cache(inputs.shape[0]), inputs.shape[0],
+                                   trie, offsets, level_sizes, beam_size,
+                                   constrained=constrained)
     return items, scores
 
   def train(self, table: IdentifierTable, num_items: int, train: SampleSet, valid: SampleSet,

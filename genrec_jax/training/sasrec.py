@@ -119,6 +119,18 @@ class SASRecTrainer:
                     evaluate=lambda p: self.evaluate(p, valid), cfg=loop_cfg,
                     checkpoint_dir=checkpoint_dir, mesh=self.mesh)
 
+  def grow_item_table(self, params):
+    """Parameters of a SASRec with fewer items, extended to this trainer's item count: the old
+    items keep their rows, new items get this trainer's fresh initial rows (a new period's
+    new items); every other parameter is kept."""
+    def grow(old, fresh):
+      if old.shape == fresh.shape:
+        return old
+      if old.shape[1:] != fresh.shape[1:] or old.shape[0] > fresh.shape[0]:
+        raise ValueError(f"cannot grow a parameter of shape {old.shape} to {fresh.shape}")
+      return fresh.at[:old.shape[0]].set(old)
+    return jax.tree.map(grow, params, self.init_params)
+
   def rank(self, params, samples: SampleSet, k: int = 20) -> np.ndarray:
     """Top-k item indices int32 [S, k] over the full catalog for each sample's history."""
     out = np.zeros((len(samples), k), np.int32)
