@@ -55,7 +55,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from genrec_jax.data import leave_one_out, load_interactions  # noqa: E402
-from genrec_jax.data.batching import bucket_of  # noqa: E402,F401  (used by grm_speed_proto)
 from genrec_jax.data.splits import SampleSet  # noqa: E402
 from genrec_jax.decoding.trie import build_trie  # noqa: E402
 from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
@@ -355,11 +354,11 @@ class JaxTrain:
 
 
 class JaxRank:
-  """AOT-compiled beam search (`GRMTrainer._rank`, or a replacement) per input length."""
+  """AOT-compiled beam search (`GRMTrainer._rank`) per input length."""
 
-  def __init__(self, trainer: GRMTrainer, table, beam: int, compiled: dict, rank_fn=None):
+  def __init__(self, trainer: GRMTrainer, table, beam: int, compiled: dict):
     self.trainer, self.compiled = trainer, compiled
-    self.rank_fn = rank_fn or trainer._rank
+    self.rank_fn = trainer._rank
     self.params = trainer.init_params
     self.trie = replicate(jax.tree.map(jnp.asarray, build_trie(table)), trainer.mesh)
     self.static = dict(offsets=tuple(int(o) for o in table.offsets),
@@ -367,7 +366,6 @@ class JaxRank:
                        constrained=trainer.cfg.constrained)
     self.compile_s: dict[int, float] = {}
     self.gflop: dict[int, float | None] = {}
-    self.ranked: list = []
 
   def _inputs(self, batch):
     return shard_batch({"inputs": batch["inputs"]}, self.trainer.mesh)["inputs"]
@@ -383,12 +381,10 @@ class JaxRank:
     self.gflop[length] = hlo_gflop(self.compiled[length])
     log(f"compiled beam search for {length} tokens in {self.compile_s[length]:.1f}s")
 
-  def rank(self, batch: dict, idx: np.ndarray, keep: bool = False) -> int:
+  def rank(self, batch: dict, idx: np.ndarray) -> int:
     items, _ = self.compiled[batch["inputs"].shape[1]](self.params, self._inputs(batch),
                                                        self.trie)
-    items = np.asarray(jax.device_get(items))
-    if keep:
-      self.ranked.append((idx, items))
+    jax.block_until_ready(items)
     return real_rows(idx)
 
 
@@ -403,10 +399,10 @@ def jax_train_phase(name, state: JaxTrain, groups, measured) -> Phase:
                warmup=functools.partial(state.step, *measured[largest][0]))
 
 
-def jax_rank_phase(name, state: JaxRank, groups, measured, keep=False) -> Phase:
+def jax_rank_phase(name, state: JaxRank, groups, measured) -> Phase:
   for batches in measured.values():
     state.compile(batches[0][0])
-  units = [(length, functools.partial(state.rank, *bi, keep=keep))
+  units = [(length, functools.partial(state.rank, *bi))
            for length, batches in sorted(measured.items()) for bi in batches]
   largest = max(measured)
   return Phase(name, "users", units, groups=groups,

@@ -239,8 +239,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
     return d
   path = os.path.join(workdir, "config.json")
   current = comparable(config)
-  if not os.path.exists(path):
-    write_json(path, current)
+  if not (os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    write_json(path, current)  # nothing stored yet: (re)start with this config
     return
   with open(path) as f:
     diffs = _differences(json.load(f), current)
