@@ -16,4 +16,5 @@ def get_config(preset: str = ""):
   c.tokenizer.num_levels = 4
   c.tokenizer.cf_weight = 0.02
   c.tokenizer.diversity_weight = 1e-4
+  c.tokenizer.sinkhorn_epsilon = 0.003  # LETTER: balanced last-level codes while training
   return apply_preset(c, preset)

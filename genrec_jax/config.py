@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.cf_similarity = "cosine"  # "cosine" (DACT code) | "dot" (LETTER code).
   c.tokenizer.diversity_weight = 0.0  # LETTER code diversity weight (1e-4 in LETTER).
   c.tokenizer.diversity_groups = 10  # Codeword groups per level for the diversity loss.
+  c.tokenizer.sinkhorn_epsilon = 0.0  # > 0: last-level codes by balanced Sinkhorn assignment
+  #   over each training batch (LETTER: 0.003); identifiers are always encoded by argmin.
   c.tokenizer.steps = 20000  # Optimisation steps over random item batches.
   c.tokenizer.batch_size = 1024  # Items per batch.
   c.tokenizer.learning_rate = 1e-3  # AdamW learning rate.

@@ -40,6 +40,7 @@ def test_letter_and_sasrec_methods_run(tmp_path):
   config.tokenizer.cf_weight = 0.02
   config.tokenizer.diversity_weight = 1e-4
   config.tokenizer.diversity_groups = 3
+  config.tokenizer.sinkhorn_epsilon = 0.003
   results = static.run(config, str(tmp_path / "letter"))
   assert set(results["baselines"]["sasrec"]["test"]) == METRICS
   config = tiny_config(str(tmp_path), method="sasrec")

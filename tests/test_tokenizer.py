@@ -9,7 +9,8 @@ from flax import nnx
 import genrec_jax
 from genrec_jax.tokenizers.identifiers import (assign_dedup, collision_rate, one_to_one_table,
                                                read_identifiers_csv, write_identifiers_csv)
-from genrec_jax.tokenizers.quantizer import ResidualQuantizer, code_usage
+from genrec_jax.tokenizers.quantizer import (ResidualQuantizer, balanced_kmeans, code_usage,
+                                             kmeans, sinkhorn_codes, squared_distances)
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, info_nce, rqvae_losses
 
 
@@ -64,6 +65,64 @@ def test_kmeans_init_beats_random_init():
   before = float(rq(x).codebook_loss)
   rq.init_kmeans(x, jax.random.key(1))
   assert float(rq(x).codebook_loss) < 0.7 * before
+
+
+def _sinkhorn_reference(d, epsilon, iterations):
+  """The LC-Rec / LETTER PyTorch algorithm, transcribed to float64 NumPy."""
+  middle = (d.max() + d.min()) / 2
+  d = (d - middle) / (d.max() - middle + 1e-5)
+  q = np.exp(-d.astype(np.float64) / epsilon)
+  b, k = q.shape
+  q /= q.sum()
+  for _ in range(iterations):
+    q /= q.sum(axis=1, keepdims=True)
+    q /= b
+    q /= q.sum(axis=0, keepdims=True)
+    q /= k
+  return np.argmax(q * b, axis=-1)
+
+
+def test_sinkhorn_codes_balance_a_collapsed_batch_and_keep_a_balanced_one():
+  rng = np.random.default_rng(0)
+  codebook = jnp.asarray(rng.normal(size=(8, 4)) * 5)
+  # Every vector sits near codeword 0: argmin collapses, Sinkhorn spreads them evenly.
+  near_zero = codebook[0] + jnp.asarray(rng.normal(size=(64, 4)) * 0.5)
+  dist = squared_distances(near_zero, codebook)
+  assert len(set(np.asarray(jnp.argmin(dist, -1)).tolist())) == 1
+  codes = np.asarray(sinkhorn_codes(dist, 0.003))
+  np.testing.assert_array_equal(codes, _sinkhorn_reference(np.asarray(dist), 0.003, 50))
+  counts = np.bincount(codes, minlength=8)
+  assert counts.max() <= 12 and counts.min() >= 4, counts
+  # Eight vectors near each codeword: already balanced, Sinkhorn agrees with argmin.
+  balanced = jnp.repeat(codebook, 8, axis=0) + jnp.asarray(rng.normal(size=(64, 4)) * 0.1)
+  dist = squared_distances(balanced, codebook)
+  np.testing.assert_array_equal(np.asarray(sinkhorn_codes(dist, 0.003)),
+                                np.asarray(jnp.argmin(dist, -1)))
+  rq = ResidualQuantizer(num_levels=2, codebook_size=8, dim=4, rngs=nnx.Rngs(0))
+  out = rq(near_zero, sinkhorn_epsilons=(0.0, 0.003))
+  assert np.bincount(np.asarray(out.codes[:, 1]), minlength=8).max() <= 12
+  with pytest.raises(ValueError, match="one value per level"):
+    rq(near_zero, sinkhorn_epsilons=(0.003,))
+
+
+def test_balanced_kmeans_caps_group_sizes_and_finds_equal_clusters():
+  rng = np.random.default_rng(1)
+  # One dense blob of 200 points and 5 small ones: plain k-means gives the blob a huge group.
+  centres = 5 * np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 0], [0, -1, 0]])
+  x = np.concatenate([rng.normal(size=(200, 3)) * 0.1] +
+                     [rng.normal(size=(10, 3)) * 0.1 + c for c in centres])
+  plain = np.asarray(jnp.argmin(squared_distances(
+      jnp.asarray(x, jnp.float32), kmeans(jnp.asarray(x, jnp.float32), 10, jax.random.key(0))),
+      -1))
+  assert np.bincount(plain, minlength=10).max() > 25
+  labels = balanced_kmeans(x, 10, seed=0)
+  assert np.bincount(labels, minlength=10).max() <= 25
+  # Four well-separated equal clusters are found exactly.
+  centres = np.eye(4) * 10
+  y = np.repeat(centres, 16, axis=0) + rng.normal(size=(64, 4)) * 0.1
+  labels = balanced_kmeans(y, 4, seed=3)
+  truth = np.repeat(np.arange(4), 16)
+  assert len({(a, b) for a, b in zip(labels, truth)}) == 4
 
 
 def test_quantizer_rejects_wrong_shape():

@@ -90,7 +90,7 @@ def rqvae_config(config, input_dim: int) -> RQVAEConfig:
       num_levels=t.num_levels, codebook_size=t.codebook_size, beta=t.beta,
       recon_reduction=t.recon_reduction, cf_weight=t.cf_weight,
       cf_temperature=t.cf_temperature, cf_similarity=t.cf_similarity,
-      diversity_weight=t.diversity_weight)
+      diversity_weight=t.diversity_weight, sinkhorn_epsilon=t.sinkhorn_epsilon)
 
 
 def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.ndarray:

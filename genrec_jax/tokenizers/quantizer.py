@@ -14,7 +14,9 @@ Math (METHODS.md section 1): v_1 = x; at level l the code is c_l = argmin_k ||v_
 v_{l+1} = v_l - e^l_{c_l}; the quantized vector is q = sum_l e^l_{c_l}. With `temperature`
 set, a soft assignment p_l = softmax_k(-||v_l - e^l_k||^2 / T) is returned beside the hard one
 (the distributions that DACT's stability KL, ETEGRec's SIA and UniGRec's soft identifiers use);
-in `soft=True` mode the soft code p_l E_l replaces the hard codeword (UniGRec).
+in `soft=True` mode the soft code p_l E_l replaces the hard codeword (UniGRec). With
+`sinkhorn_epsilons`, the chosen levels assign codes by Sinkhorn-Knopp balanced assignment over
+the batch instead of argmin (LETTER's last level during training; `sinkhorn_codes`).
 """
 
 from __future__ import annotations
@@ -89,18 +91,29 @@ class ResidualQuantizer(nnx.Module):
     self.codebooks = nnx.Param(jax.random.uniform(
         rngs.params(), (num_levels, codebook_size, dim), minval=-scale, maxval=scale))
 
-  def __call__(self, x: jax.Array, *, temperature: float = 1.0, soft: bool = False
-               ) -> QuantizerOutput:
-    """Quantizes x: [B, d]. `soft` uses p_l E_l instead of the hard codeword (UniGRec)."""
+  def __call__(self, x: jax.Array, *, temperature: float = 1.0, soft: bool = False,
+               sinkhorn_epsilons: tuple[float, ...] | None = None,
+               sinkhorn_iterations: int = 50) -> QuantizerOutput:
+    """Quantizes x: [B, d].
+
+    `soft` uses p_l E_l instead of the hard codeword (UniGRec). `sinkhorn_epsilons` (one value
+    per level, 0 = argmin) makes the levels with epsilon > 0 pick codes by balanced Sinkhorn
+    assignment over the batch (a training-time regulariser against codebook collapse).
+    """
     if x.ndim != 2 or x.shape[-1] != self.dim:
       raise ValueError(f"ResidualQuantizer expects [batch, {self.dim}], got {x.shape}")
+    if sinkhorn_epsilons is not None and len(sinkhorn_epsilons) != self.num_levels:
+      raise ValueError(f"sinkhorn_epsilons needs one value per level ({self.num_levels}), got "
+                       f"{sinkhorn_epsilons}")
     residual = x
     codes, residuals, codewords, log_probs = [], [], [], []
     codebook_loss = commitment_loss = 0.0
     for level in range(self.num_levels):
       codebook = self.codebooks[level]
       dist = squared_distances(residual, codebook)
-      code = jnp.argmin(dist, axis=-1)
+      epsilon = sinkhorn_epsilons[level] if sinkhorn_epsilons else 0.0
+      code = (sinkhorn_codes(dist, epsilon, sinkhorn_iterations) if epsilon > 0
+              else jnp.argmin(dist, axis=-1))
       logp = jax.nn.log_softmax(-dist / temperature, axis=-1)
       if soft:
         chosen = jnp.exp(logp) @ codebook
@@ -157,6 +170,29 @@ class ResidualQuantizer(nnx.Module):
     self.codebooks[...] = jnp.stack(books)
 
 
+def sinkhorn_codes(distances: jax.Array, epsilon: float, iterations: int = 50) -> jax.Array:
+  """Balanced assignment of B vectors to K codes by Sinkhorn-Knopp (LETTER / LC-Rec).
+
+  The distances [B, K] are centred and scaled to [-1, 1] (as in the reference code), the plan
+  Q ~ exp(-d / epsilon) is alternately normalised so that every vector carries mass 1/B and
+  every code 1/K, and each vector takes its code of largest mass: int32 [B]. Computed in the
+  log domain, so small epsilons (0.003) do not overflow float32. No gradient flows through it.
+  """
+  d = jax.lax.stop_gradient(distances)
+  middle = (d.max() + d.min()) / 2
+  d = (d - middle) / (d.max() - middle + 1e-5)
+  b, k = d.shape
+  log_q = -d / epsilon
+
+  def normalise(log_q, _):
+    log_q = log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - jnp.log(b)
+    log_q = log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True) - jnp.log(k)
+    return log_q, None
+
+  log_q, _ = jax.lax.scan(normalise, log_q, None, length=iterations)
+  return jnp.argmax(log_q, axis=-1).astype(jnp.int32)
+
+
 @jax.jit(static_argnames=("num_clusters", "iterations"))
 def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *, iterations: int = 50
            ) -> jax.Array:
@@ -176,6 +212,35 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *, iterations: int =
 
   centroids, _ = jax.lax.scan(step, init, None, length=iterations)
   return centroids
+
+
+def balanced_kmeans(x: np.ndarray, num_clusters: int, seed: int = 0, iterations: int = 20
+                    ) -> np.ndarray:
+  """Size-constrained k-means (LETTER's codeword groups): labels int32 [N] of x [N, d] with
+  no cluster above ceil(N / C) points, so that no group swallows most of a codebook.
+
+  Lloyd iterations whose assignment step is the exact minimum-cost assignment under the size
+  limit (each centroid replicated ceil(N / C) times, solved by the Hungarian algorithm).
+  """
+  from scipy.optimize import linear_sum_assignment  # scipy ships with jax
+  x = np.asarray(x, np.float64)
+  n = x.shape[0]
+  if not 1 <= num_clusters <= n:
+    raise ValueError(f"balanced_kmeans needs 1 <= num_clusters <= {n}, got {num_clusters}")
+  cap = -(-n // num_clusters)
+  rng = np.random.default_rng(seed)
+  centroids = x[rng.choice(n, num_clusters, replace=False)]
+  labels = np.full(n, -1)
+  for _ in range(iterations):
+    cost = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)  # [N, C]
+    _, slot = linear_sum_assignment(np.repeat(cost, cap, axis=1))
+    new = slot // cap
+    if np.array_equal(new, labels):
+      break
+    labels = new
+    centroids = np.stack([x[labels == c].mean(0) if (labels == c).any() else centroids[c]
+                          for c in range(num_clusters)])
+  return labels.astype(np.int32)
 
 
 def code_usage(codes: np.ndarray, codebook_size: int) -> dict[str, list[float]]:

@@ -7,6 +7,8 @@ Losses (METHODS.md sections 1-2):
   quantization    sum_l ||sg(v_l) - e_l||^2 + beta ||v_l - sg(e_l)||^2
   collaborative   InfoNCE(q_i, cf_i) over the batch (LETTER; DACT's base tokenizer, alpha 0.02)
   diversity       codewords of one k-means group of a level attract an item's codeword (LETTER)
+While training, LETTER also assigns last-level codes by balanced Sinkhorn assignment over the
+batch (`sinkhorn_epsilon`); identifiers are always encoded by argmin.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class RQVAEConfig:
   cf_temperature: float = 1.0
   cf_similarity: str = "cosine"  # "cosine" (DACT code) or "dot" (LETTER code)
   diversity_weight: float = 0.0  # LETTER: 1e-4
+  sinkhorn_epsilon: float = 0.0  # LETTER: 0.003, balanced last-level codes while training
+  sinkhorn_iterations: int = 50
   dropout_rate: float = 0.0
 
 
@@ -136,7 +140,13 @@ def rqvae_losses(model: RQVAE, x: jax.Array, cf: jax.Array | None = None,
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total tokenizer loss and its parts for items x [B, D_in] (cf [B, d_cf] for LETTER)."""
   cfg = model.cfg
-  out = model(x)
+  latent = model.encoder(x)
+  epsilons = None
+  if cfg.sinkhorn_epsilon > 0:
+    epsilons = (0.0,) * (cfg.num_levels - 1) + (cfg.sinkhorn_epsilon,)
+  quant = model.quantizer(latent, sinkhorn_epsilons=epsilons,
+                          sinkhorn_iterations=cfg.sinkhorn_iterations)
+  out = RQVAEOutput(latent, quant, model.decoder(quant.quantized))
   parts = {"recon": reconstruction_loss(x, out.reconstruction, cfg.recon_reduction),
            "quant": out.quant.loss}
   total = parts["recon"] + parts["quant"]

@@ -2,9 +2,9 @@
 
 Items are few (about 12k), so the tokenizer trains for a fixed number of steps on random
 batches of the item set (METHODS.md section 1: AdamW lr 1e-3, batch 1024, k-means init per
-level). LETTER's diversity loss needs groups of codewords: k-means (10 groups per level) over
-each level's codewords, refreshed every `diversity_refresh_steps`. (LETTER uses constrained,
-equal-size k-means; plain k-means is used here.)
+level). LETTER's diversity loss needs groups of codewords: size-constrained k-means (10 groups
+per level, none above ceil(K / 10) codewords) over each level's codewords, refreshed every
+`diversity_refresh_steps`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from flax import nnx
 
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, collision_rate,
                                                one_to_one_table)
-from genrec_jax.tokenizers.quantizer import code_usage, kmeans
+from genrec_jax.tokenizers.quantizer import balanced_kmeans, code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, rqvae_losses
 
 
@@ -39,15 +39,11 @@ class TokenizerTrainConfig:
   log_every: int = 500
 
 
-def _codeword_groups(codebooks: jax.Array, num_groups: int, key: jax.Array) -> jax.Array:
-  """k-means group label of every codeword, int32 [L, K]."""
-  labels = []
-  for level in range(codebooks.shape[0]):
-    book = codebooks[level]
-    centroids = kmeans(book, num_groups, jax.random.fold_in(key, level), iterations=20)
-    d = jnp.sum((book[:, None] - centroids[None]) ** 2, -1)
-    labels.append(jnp.argmin(d, -1))
-  return jnp.stack(labels).astype(jnp.int32)
+def _codeword_groups(codebooks: jax.Array, num_groups: int, seed: int) -> jax.Array:
+  """Size-constrained k-means group label of every codeword, int32 [L, K]."""
+  books = np.asarray(jax.device_get(codebooks))
+  return jnp.asarray(np.stack([balanced_kmeans(book, num_groups, seed=seed + level)
+                               for level, book in enumerate(books)]))
 
 
 def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features: np.ndarray,
@@ -105,7 +101,7 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
     cursor += batch
     if model_cfg.diversity_weight > 0 and i % cfg.diversity_refresh_steps == 0:
       groups = _codeword_groups(nnx.merge(graphdef, params).quantizer.codebooks[...],
-                                cfg.diversity_groups, jax.random.fold_in(key, 2 + i))
+                                cfg.diversity_groups, seed + i)
     params, opt_state, parts = step(params, opt_state, jnp.asarray(idx), groups,
                                     jax.random.fold_in(key, 10_000_000 + i))
     if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
