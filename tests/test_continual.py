@@ -171,7 +171,7 @@ def test_a_new_period_must_start_after_the_data(tmp_path):
   last = int(inter.timestamp.max())
   late = RawInteractions(np.array(["u0001", "new_user"]), np.array(["i001", "new_item"]),
                          np.array([last + 86400, last], np.int64), "new.csv")
-  with pytest.raises(DataError, match=r"new.csv: 1 interactions fall on or before .* row 2"):
+  with pytest.raises(DataError, match=r"new.csv: 1 interaction\(s\) fall on or before .*row 2"):
     append_interactions(inter, late)
   ok = append_interactions(inter, late.take(np.array([0])))
   assert ok.num_items == inter.num_items and ok.num_users == inter.num_users

@@ -5,10 +5,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from genrec_jax.decoding.beam_search import beam_search
-from genrec_jax.decoding.trie import build_trie
+from genrec_jax.decoding.trie import build_trie, trie_capacity
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, one_to_one_table
 
@@ -37,7 +38,7 @@ def _brute_force_scores(model, inputs, table):
   return jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0].sum(-1).reshape(b, m)
 
 
-def _search(model, inputs, table, beam, constrained=True, cached=True):
+def _search(model, inputs, table, beam, constrained=True, cached=True, trie=None):
   """Beam search driven by the model's K/V cache, or (cached=False) by re-running the decoder
   on the whole prefix, carried as the search state."""
   enc, mask = model.encode(inputs)
@@ -54,7 +55,7 @@ def _search(model, inputs, table, beam, constrained=True, cached=True):
 
   step, state = ((cached_step, model.init_cache(b)) if cached else
                  (prefix_step, jnp.zeros((b, 0), jnp.int32)))
-  trie = jax.tree.map(jnp.asarray, build_trie(table))
+  trie = jax.tree.map(jnp.asarray, trie or build_trie(table))
   return jax.jit(lambda: beam_search(step, state, b, trie, tuple(table.offsets.tolist()),
                                      table.level_sizes, beam, constrained=constrained))()
 
@@ -127,6 +128,26 @@ def test_trie_accepts_exactly_the_table():
       assert trie.leaf_item[node] == table.item[table.codes.tolist().index(list(ident))]
     else:
       assert node < 0 or trie.leaf_item[node] < 0
+
+
+def test_padded_trie_searches_the_same_and_capacity_bounds_every_table():
+  table = _table(num_items=60, k=8, levels=2, seed=3)
+  capacity = trie_capacity(table.level_sizes, 60)
+  assert build_trie(table).children.shape[0] <= capacity
+  padded = build_trie(table, capacity)
+  assert padded.children.shape[0] == capacity
+  assert (padded.children[len(build_trie(table).children):] == -1).all()
+  model = _model(table, seed=2)
+  inputs = jnp.asarray(np.random.default_rng(2).integers(1, table.vocab_size, (4, 6)))
+  plain = _search(model, inputs, table, beam=5)
+  np.testing.assert_array_equal(np.asarray(_search(model, inputs, table, beam=5,
+                                                   trie=padded)[0]), np.asarray(plain[0]))
+  # Worst case: every identifier in its own branch at every depth.
+  codes = np.stack([np.arange(9), np.arange(9), np.zeros(9, int)], 1)
+  spread = one_to_one_table(codes, 9, 1)
+  assert len(build_trie(spread).children) == trie_capacity(spread.level_sizes, 9) == 1 + 9 * 3
+  with pytest.raises(ValueError, match="needs 28 nodes"):
+    build_trie(spread, 20)
 
 
 def test_one_to_many_table_maps_identifiers_to_items():

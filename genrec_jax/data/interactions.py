@@ -317,7 +317,7 @@ def append_interactions(inter: Interactions, raw: RawInteractions) -> Interactio
     if early.size:
         row = int(early[0])
         raise DataError(
-            f"{raw.source}: {early.size} interactions fall on or before "
+            f"{raw.source}: {early.size} interaction(s) fall on or before "
             f"{np.datetime64(last_day, 'D')}, the last day of the existing data (first: row "
             f"{row + 1}, user {raw.users[row]!r}, item {raw.items[row]!r}, timestamp "
             f"{int(raw.timestamps[row])}); a new period must start on a later day"

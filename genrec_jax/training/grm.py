@@ -24,7 +24,7 @@ from flax import nnx
 from genrec_jax.data.batching import bucketed_batches
 from genrec_jax.data.splits import SampleSet
 from genrec_jax.decoding.beam_search import beam_search
-from genrec_jax.decoding.trie import Trie, build_trie
+from genrec_jax.decoding.trie import Trie, build_trie, trie_capacity
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable
@@ -147,7 +147,9 @@ class GRMTrainer:
     """Top-`beam_size` items int32 [S, beam] for every sample, in score order (-1 = none)."""
     beam_size = beam_size or self.cfg.beam_size
     item_tokens = table.item_tokens(num_items)
-    trie = replicate(jax.tree.map(jnp.asarray, build_trie(table)), self.mesh)
+    # One trie shape per catalog size: every table of a run reuses the compiled search.
+    capacity = trie_capacity(table.level_sizes, max(num_items, len(table.codes)))
+    trie = replicate(jax.tree.map(jnp.asarray, build_trie(table, capacity)), self.mesh)
     out = np.full((len(samples), beam_size), -1, np.int32)
     for batch, idx in sample_batches(samples, item_tokens, self.cfg.eval_batch_size,
                                      self.cfg.length_buckets):
