@@ -70,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.learning_rate = 1e-3  # AdamW learning rate.
   c.tokenizer.weight_decay = 1e-4  # AdamW weight decay.
   c.tokenizer.kmeans_iterations = 50  # Lloyd iterations of the per-level k-means init.
+  c.tokenizer.kmeans_refresh_steps = ()  # Steps at which the k-means init is fitted again to
+  #   the moved encoder (TIGER configs: (200, 500, 800); without it most level-1 codes die).
 
   c.grm = ml_collections.ConfigDict()
   c.grm.d_model = 128  # T5 model width.

@@ -211,3 +211,22 @@ def test_rqvae_losses_and_training_reduce_loss():
   assert set(parts) == {"recon", "quant", "cf", "diversity", "total"}
   assert float(parts["total"]) < 0.7 * float(first["total"])
   assert float(parts["recon"]) < 0.7 * float(first["recon"])
+
+
+def test_kmeans_refresh_refits_the_codebooks_to_the_moved_encoder():
+  import dataclasses
+  from genrec_jax.training.tokenizer import TokenizerTrainConfig, encode_items, train_tokenizer
+  rng = np.random.default_rng(0)
+  x = (np.repeat(rng.normal(size=(32, 12)) * 3, 16, axis=0)
+       + rng.normal(size=(512, 12)) * 0.1).astype(np.float32)
+  cfg = RQVAEConfig(input_dim=12, hidden_dims=(16,), latent_dim=4, num_levels=2,
+                    codebook_size=16)
+  train_cfg = TokenizerTrainConfig(steps=30, batch_size=128, learning_rate=3e-2,
+                                   kmeans_iterations=10)
+  plain, _ = train_tokenizer(cfg, train_cfg, x, seed=0)
+  refreshed, _ = train_tokenizer(
+      cfg, dataclasses.replace(train_cfg, kmeans_refresh_steps=(29,)), x, seed=0)
+  usage = [code_usage(encode_items(m, x), 16)["usage"][0] for m in (plain, refreshed)]
+  assert usage[1] >= 0.9 and usage[1] > usage[0], usage
+  with pytest.raises(ValueError, match="kmeans_refresh_steps"):
+    train_tokenizer(cfg, dataclasses.replace(train_cfg, kmeans_refresh_steps=(30,)), x)

@@ -164,7 +164,8 @@ class ContinualRun:
         train_cfg = TokenizerTrainConfig(
             steps=self.t.steps, batch_size=self.t.batch_size,
             learning_rate=self.t.learning_rate, weight_decay=self.t.weight_decay,
-            kmeans_iterations=self.t.kmeans_iterations)
+            kmeans_iterations=self.t.kmeans_iterations,
+            kmeans_refresh_steps=tuple(self.t.kmeans_refresh_steps))
         model, _ = train_tokenizer(model_cfg, train_cfg, features, cf, seed=self.config.seed)
         state = (model, None)
       else:

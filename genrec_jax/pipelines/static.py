@@ -132,6 +132,7 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
   train_cfg = TokenizerTrainConfig(steps=t.steps, batch_size=t.batch_size,
                                    learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                                    kmeans_iterations=t.kmeans_iterations,
+                                   kmeans_refresh_steps=tuple(t.kmeans_refresh_steps),
                                    diversity_groups=t.diversity_groups)
   model, train_stats = train_tokenizer(model_cfg, train_cfg, features, cf, seed=config.seed)
   table, stats = assign_identifiers(model, features, t.dedup_size)

@@ -2,9 +2,9 @@
 
 Items are few (about 12k), so the tokenizer trains for a fixed number of steps on random
 batches of the item set (METHODS.md section 1: AdamW lr 1e-3, batch 1024, k-means init per
-level). LETTER's diversity loss needs groups of codewords: size-constrained k-means (10 groups
-per level, none above ceil(K / 10) codewords) over each level's codewords, refreshed every
-`diversity_refresh_steps`.
+level; optionally fitted again after warm-up steps, `kmeans_refresh_steps`). LETTER's diversity
+loss needs groups of codewords: size-constrained k-means (10 groups per level, none above
+ceil(K / 10) codewords) over each level's codewords, refreshed every `diversity_refresh_steps`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class TokenizerTrainConfig:
   learning_rate: float = 1e-3
   weight_decay: float = 1e-4
   kmeans_iterations: int = 50
+  kmeans_refresh_steps: tuple[int, ...] = ()  # re-run the k-means init at these steps
   diversity_groups: int = 10
   diversity_refresh_steps: int = 200
   log_every: int = 500
@@ -69,6 +70,9 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
                      f" got {cfg.diversity_groups}")
   if n < model_cfg.codebook_size:
     raise ValueError(f"{n} items are fewer than the codebook size {model_cfg.codebook_size}")
+  if any(not 0 < s < cfg.steps for s in cfg.kmeans_refresh_steps):
+    raise ValueError(f"kmeans_refresh_steps must lie in (0, steps={cfg.steps}), got "
+                     f"{cfg.kmeans_refresh_steps}")
   key = jax.random.key(seed)
   model = RQVAE(model_cfg, rngs=nnx.Rngs(seed))
   x_all = jnp.asarray(features)
@@ -99,6 +103,13 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
       order, cursor = rng.permutation(n), 0
     idx = order[cursor:cursor + batch]
     cursor += batch
+    if i in cfg.kmeans_refresh_steps:
+      # The first updates move the encoder away from the latents the codebooks were fitted to,
+      # and most level-1 codes die; fitting them again once the encoder has moved keeps them.
+      model = nnx.merge(graphdef, params)
+      model.quantizer.init_kmeans(model.encoder(x_all), jax.random.fold_in(key, 3 + i),
+                                  iterations=cfg.kmeans_iterations)
+      params = nnx.state(model)
     if model_cfg.diversity_weight > 0 and i % cfg.diversity_refresh_steps == 0:
       groups = _codeword_groups(nnx.merge(graphdef, params).quantizer.codebooks[...],
                                 cfg.diversity_groups, seed + i)
