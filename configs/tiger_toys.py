@@ -11,5 +11,4 @@ def get_config(preset: str = ""):
   c = base_config()
   c.method = "tiger"
   dataset_paths(c, "toys")
-  c.tokenizer.kmeans_refresh_steps = (200, 500, 800)  # keeps level-1 codes alive (experiments/)
   return apply_preset(c, preset)
