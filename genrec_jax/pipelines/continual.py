@@ -37,7 +37,7 @@ from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.evaluation.report import write_report
 from genrec_jax.pipelines.static import (check_workdir_config, grm_trainer, item_features,
                                          load_dataset, rqvae_config, sasrec_trainer,
-                                         write_json)
+                                         tokenizer_train_config, write_json)
 from genrec_jax.tokenizers import reassign
 from genrec_jax.tokenizers.dact import CDIM, DACTConfig, finetune_tokenizer
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, write_identifiers_csv
@@ -46,7 +46,7 @@ from genrec_jax.tokenizers.rqvae import RQVAE
 from genrec_jax.training.checkpoint import Checkpoints
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sharding import make_mesh
-from genrec_jax.training.tokenizer import TokenizerTrainConfig, encode_items, train_tokenizer
+from genrec_jax.training.tokenizer import encode_items, train_tokenizer
 
 METHOD_RULES = {
     "frozen": ("frozen", "keep", "frozen"),
@@ -161,12 +161,8 @@ class ContinualRun:
     else:
       start = time.time()
       if key[1] == 0:
-        train_cfg = TokenizerTrainConfig(
-            steps=self.t.steps, batch_size=self.t.batch_size,
-            learning_rate=self.t.learning_rate, weight_decay=self.t.weight_decay,
-            kmeans_iterations=self.t.kmeans_iterations,
-            kmeans_refresh_steps=tuple(self.t.kmeans_refresh_steps))
-        model, _ = train_tokenizer(model_cfg, train_cfg, features, cf, seed=self.config.seed)
+        model, _ = train_tokenizer(model_cfg, tokenizer_train_config(self.config), features,
+                                   cf, seed=self.config.seed)
         state = (model, None)
       else:
         previous, cdim = self.tokenizer_state(key[0], key[1] - 1)

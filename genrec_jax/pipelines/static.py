@@ -93,6 +93,15 @@ def rqvae_config(config, input_dim: int) -> RQVAEConfig:
       diversity_weight=t.diversity_weight, sinkhorn_epsilon=t.sinkhorn_epsilon)
 
 
+def tokenizer_train_config(config) -> TokenizerTrainConfig:
+  t = config.tokenizer
+  return TokenizerTrainConfig(steps=t.steps, batch_size=t.batch_size,
+                              learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                              kmeans_iterations=t.kmeans_iterations,
+                              kmeans_refresh_steps=tuple(t.kmeans_refresh_steps),
+                              diversity_groups=t.diversity_groups)
+
+
 def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.ndarray:
   """Tokenizer input vectors [len(item_ids), D] for raw item ids (in item-index order)."""
   source = config.embeddings.source
@@ -129,12 +138,8 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
                             np.asarray(items["code_table"]["item"]),
                             (t.codebook_size,) * t.num_levels + (t.dedup_size,))
     return table, meta
-  train_cfg = TokenizerTrainConfig(steps=t.steps, batch_size=t.batch_size,
-                                   learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                                   kmeans_iterations=t.kmeans_iterations,
-                                   kmeans_refresh_steps=tuple(t.kmeans_refresh_steps),
-                                   diversity_groups=t.diversity_groups)
-  model, train_stats = train_tokenizer(model_cfg, train_cfg, features, cf, seed=config.seed)
+  model, train_stats = train_tokenizer(model_cfg, tokenizer_train_config(config), features, cf,
+                                       seed=config.seed)
   table, stats = assign_identifiers(model, features, t.dedup_size)
   stats.update(train_stats)
   ckpt.save(0, {"tokenizer": nnx.state(model),

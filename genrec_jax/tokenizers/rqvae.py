@@ -76,9 +76,17 @@ class RQVAE(nnx.Module):
                                        beta=cfg.beta, rngs=rngs)
     self.decoder = MLP(dims[::-1], rngs)
 
-  def __call__(self, x: jax.Array, *, temperature: float = 1.0) -> RQVAEOutput:
+  def __call__(self, x: jax.Array, *, temperature: float = 1.0, training: bool = False
+               ) -> RQVAEOutput:
+    """Items [B, D_in] -> latent, quantizer output, reconstruction. With `training` and
+    cfg.sinkhorn_epsilon > 0, the last level's codes come from balanced Sinkhorn assignment
+    over the batch (LETTER); otherwise every level uses argmin."""
     latent = self.encoder(x)
-    quant = self.quantizer(latent, temperature=temperature)
+    epsilons = None
+    if training and self.cfg.sinkhorn_epsilon > 0:
+      epsilons = (0.0,) * (self.cfg.num_levels - 1) + (self.cfg.sinkhorn_epsilon,)
+    quant = self.quantizer(latent, temperature=temperature, sinkhorn_epsilons=epsilons,
+                           sinkhorn_iterations=self.cfg.sinkhorn_iterations)
     return RQVAEOutput(latent, quant, self.decoder(quant.quantized))
 
   def encode(self, x: jax.Array) -> jax.Array:
@@ -140,13 +148,7 @@ def rqvae_losses(model: RQVAE, x: jax.Array, cf: jax.Array | None = None,
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total tokenizer loss and its parts for items x [B, D_in] (cf [B, d_cf] for LETTER)."""
   cfg = model.cfg
-  latent = model.encoder(x)
-  epsilons = None
-  if cfg.sinkhorn_epsilon > 0:
-    epsilons = (0.0,) * (cfg.num_levels - 1) + (cfg.sinkhorn_epsilon,)
-  quant = model.quantizer(latent, sinkhorn_epsilons=epsilons,
-                          sinkhorn_iterations=cfg.sinkhorn_iterations)
-  out = RQVAEOutput(latent, quant, model.decoder(quant.quantized))
+  out = model(x, training=True)
   parts = {"recon": reconstruction_loss(x, out.reconstruction, cfg.recon_reduction),
            "quant": out.quant.loss}
   total = parts["recon"] + parts["quant"]
