@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from genrec_jax.recommenders.sasrec import SASRec, SASRecConfig
-from genrec_jax.recommenders.t5 import T5, T5Config, dropout, relative_position_bucket
+from genrec_jax.recommenders.t5 import T5, T5Config, dropout, linear, relative_position_bucket
 
 
 def test_t5_logits_do_not_depend_on_left_padding():
@@ -64,6 +64,23 @@ def test_incremental_decoding_with_cache_equals_full_decoder():
     logits, cache = model.decode_step(memory, mask, prefix[:, pos:pos + 1], cache)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, pos]), atol=1e-5)
   assert cache[0][0].shape == (6, 5, 2, 8)
+
+
+def test_linear_gradients_equal_numpy_matmul_gradients():
+  # Both branches of the CPU backward pass (narrow input / narrow output), 2-D and 3-D inputs;
+  # the reference is the hand-derived gradient of sum(cot * (x @ w)) in float64 NumPy.
+  rng = np.random.default_rng(0)
+  for x_shape, d_out in [((6, 5, 3), 7), ((11, 7), 3)]:
+    x = rng.normal(size=x_shape).astype(np.float32)
+    w = rng.normal(size=(x_shape[-1], d_out)).astype(np.float32)
+    cot = rng.normal(size=x_shape[:-1] + (d_out,)).astype(np.float32)
+    y, grads = jax.value_and_grad(lambda x, w, c=cot: jnp.sum(linear(x, w) * c),
+                                  argnums=(0, 1))(x, w)
+    x64, w64, cot64 = (a.astype(np.float64) for a in (x, w, cot))
+    np.testing.assert_allclose(y, np.sum(cot64 * (x64 @ w64)), rtol=1e-5)
+    np.testing.assert_allclose(grads[0], cot64 @ w64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], x64.reshape(-1, x.shape[-1]).T @ cot64.reshape(-1, d_out),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_relative_position_buckets_match_t5_reference_values():
