@@ -316,6 +316,41 @@ def hlo_gflop(compiled) -> float | None:
     return None
 
 
+def dot_peak_gflop_per_s(repeats: int = 10) -> dict:
+  """This machine's fp32 matmul speed through XLA at the model's shapes (the best of canonical
+  [N, 128] x [128, 1024], [N, 1024] x [1024, 128] and [N, 128] x [128, 1152] dots, N = 6144):
+  the roofline that any exact implementation of the same FLOPs runs into."""
+  out = {}
+  for m, k, n in [(6144, 128, 1024), (6144, 1024, 128), (6144, 128, 1152)]:
+    a, b = jnp.ones((m, k)), jnp.ones((k, n))
+    fn = jax.jit(jnp.matmul).lower(a, b).compile()
+    jax.block_until_ready(fn(a, b))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(a, b))
+      times.append(time.perf_counter() - t0)
+    out[f"{m}x{k}x{n}"] = 2 * m * k * n / min(times) / 1e9
+  out["best"] = max(out.values())
+  return out
+
+
+def weighted_gflop_per_unit(gflop_by_tokens: dict, summary: dict, unit: str) -> float | None:
+  """XLA GFLOP of a full pass (GFLOP per batch shape x batches of that shape) per sample/user."""
+  counts = summary["batches_by_tokens"]
+  if any(gflop_by_tokens.get(k) is None for k in counts):
+    return None
+  return sum(gflop_by_tokens[k] * n for k, n in counts.items()) / summary[f"full_pass_{unit}"]
+
+
+def torch_gflop(fn) -> float:
+  """FLOPs of one call of fn (torch's FlopCounterMode: matmuls and attention, GFLOP)."""
+  from torch.utils.flop_counter import FlopCounterMode
+  with FlopCounterMode(display=False) as counter:
+    fn()
+  return counter.get_total_flops() / 1e9
+
+
 class JaxTrain:
   """Train state + AOT-compiled `GRMTrainer._train_step` per input length."""
 
@@ -598,6 +633,19 @@ def table_rows(res: dict) -> list[tuple[str, str, str, str]]:
       j["train_bucketed"]["samples_per_s_best"], tt.get("samples_per_s_best"), 1)
   add("beam search users/s, fastest batch per shape (JAX bucketed, torch 80 tok)",
       j["beam_bucketed"]["users_per_s_best"], tg.get("users_per_s_best"), 1)
+  f = res.get("flops", {})
+  add("GFLOP per train sample (JAX bucketed, torch 80 tok)", f.get("jax_train_gflop_per_sample"),
+      f.get("torch_train_gflop_per_sample"), 3)
+  add("GFLOP per beam-searched user (JAX bucketed, torch 80 tok)",
+      f.get("jax_beam_gflop_per_user"), f.get("torch_beam_gflop_per_user"), 3)
+  add("achieved GFLOP/s, train", f.get("jax_train_gflop_per_s"), f.get("torch_train_gflop_per_s"),
+      1)
+  add("achieved GFLOP/s, beam search", f.get("jax_beam_gflop_per_s"),
+      f.get("torch_beam_gflop_per_s"), 1)
+  add("fp32 dot peak GFLOP/s of this machine (XLA)",
+      (f.get("dot_peak_gflop_per_s") or {}).get("best"), None, 1, ratio=False)
+  add("beam search JAX / torch if JAX ran at the dot peak", f.get("beam_ratio_bound_at_dot_peak"),
+      None, 1, ratio=False)
   add("peak RSS MiB, train warm-up (80 tok)", j["train_bucketed"]["peak_rss_mib"],
       tt.get("peak_rss_mib"), 0)
   add("peak RSS MiB, beam search warm-up (80 tok)", j["beam_bucketed"]["peak_rss_mib"],
@@ -781,6 +829,20 @@ def main(argv=None):
       k: train_gflop[k] / results["jax"]["train_bucketed"]["median_s_by_tokens"][k]
       for k in train_gflop}
   results["jax"]["memory"] = jax_memory(compiled_train)
+  # Roofline: FLOPs per sample / user (XLA's count; torch's FlopCounterMode) against this core's
+  # dot speed bound how far any exact implementation of the same search can get.
+  flops = {"dot_peak_gflop_per_s": dot_peak_gflop_per_s(),
+           "jax_train_gflop_per_sample": weighted_gflop_per_unit(
+               train_gflop, results["jax"]["train_bucketed"], "samples"),
+           "jax_beam_gflop_per_user": weighted_gflop_per_unit(
+               rank_state.gflop, results["jax"]["beam_bucketed"], "users")}
+  if flops["jax_train_gflop_per_sample"] is not None:
+    flops["jax_train_gflop_per_s"] = (flops["jax_train_gflop_per_sample"] *
+                                      results["jax"]["train_bucketed"]["samples_per_s"])
+  if flops["jax_beam_gflop_per_user"] is not None:
+    flops["jax_beam_gflop_per_s"] = (flops["jax_beam_gflop_per_user"] *
+                                     results["jax"]["beam_bucketed"]["users_per_s"])
+  results["flops"] = flops
   if torch_phases:
     results["torch"]["train"] = torch_phases[0].summary()
     results["torch"]["train"]["final_loss"] = tt.loss
@@ -789,6 +851,19 @@ def main(argv=None):
           train_gflop[full_len] / results["torch"]["train"]["median_s_by_tokens"][full_len])
     results["torch"]["generate"] = torch_phases[1].summary()
     results["torch"]["generate"]["output_shape"] = tg.output_shape
+    flops["torch_train_gflop_per_sample"] = torch_gflop(
+        functools.partial(tt.step, *tbatches[0])) / real_rows(tbatches[0][1])
+    flops["torch_beam_gflop_per_user"] = torch_gflop(
+        functools.partial(tg.generate, chunks[0])) / len(chunks[0])
+    flops["torch_train_gflop_per_s"] = (flops["torch_train_gflop_per_sample"] *
+                                        results["torch"]["train"]["samples_per_s"])
+    flops["torch_beam_gflop_per_s"] = (flops["torch_beam_gflop_per_user"] *
+                                       results["torch"]["generate"]["users_per_s"])
+    if flops["jax_beam_gflop_per_user"]:
+      # The ratio JAX would reach if every one of its FLOPs ran at the dot peak.
+      flops["beam_ratio_bound_at_dot_peak"] = (
+          flops["dot_peak_gflop_per_s"]["best"] / flops["jax_beam_gflop_per_user"] /
+          results["torch"]["generate"]["users_per_s"])
     j, t = results["jax"], results["torch"]
     results["ratios"] = {
         "train_samples_per_s_bucketed_vs_torch": (j["train_bucketed"]["samples_per_s"] /
