@@ -19,7 +19,8 @@ def get_config(preset: str = ""):
   c.method = "continual"
   dataset_paths(c, "toys")
   c.tokenizer.cf_weight = 0.02
-  c.tokenizer.recon_reduction = "mean"  # the DACT code's reduction
+  c.tokenizer.train_unit = "steps"  # the DACT paper: 20k steps (its code: 20k epochs)
+  c.tokenizer.loss_reduction = "mean"  # the DACT code: F.mse_loss, RQ loss averaged over levels
   apply_preset(c, preset)
   if preset == "cpu":
     c.grm.max_train_minutes = 5.0  # period-0 pre-training; seven methods x four periods follow

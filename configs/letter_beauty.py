@@ -14,6 +14,8 @@ def get_config(preset: str = ""):
   c.method = "letter"
   dataset_paths(c, "beauty")
   c.tokenizer.num_levels = 4
+  c.tokenizer.selection = "min_collision"  # the LETTER code keeps the lowest-collision model
+  c.tokenizer.loss_reduction = "mean"  # the LETTER code: F.mse_loss, RQ loss averaged over levels
   c.tokenizer.cf_weight = 0.02
   c.tokenizer.diversity_weight = 1e-4
   c.tokenizer.sinkhorn_epsilon = 0.003  # LETTER: balanced last-level codes while training

@@ -57,7 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.codebook_size = 256  # K codes per level.
   c.tokenizer.dedup_size = 256  # Symbols of the dedup digit (largest group of shared codes).
   c.tokenizer.beta = 0.25  # Commitment loss weight.
-  c.tokenizer.recon_reduction = "sum"  # Reconstruction error "sum" or "mean" over dimensions.
+  c.tokenizer.loss_reduction = "sum"  # Scale of reconstruction and RQ losses: "sum" = squared
+  #   norms over dimensions, levels summed (TIGER paper) | "mean" = averages over dimensions
+  #   and levels (LETTER and DACT code).
+  c.tokenizer.detach_residual = True  # No gradient through the residual passed to the next
+  #   level (reference RQ-VAE); False: later levels' losses reach the encoder and codebooks.
   c.tokenizer.cf_weight = 0.0  # LETTER collaborative InfoNCE weight (alpha; 0 = TIGER).
   c.tokenizer.cf_temperature = 1.0  # InfoNCE temperature.
   c.tokenizer.cf_similarity = "cosine"  # "cosine" (DACT code) | "dot" (LETTER code).
@@ -65,14 +69,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.diversity_groups = 10  # Codeword groups per level for the diversity loss.
   c.tokenizer.sinkhorn_epsilon = 0.0  # > 0: last-level codes by balanced Sinkhorn assignment
   #   over each training batch (LETTER: 0.003); identifiers are always encoded by argmin.
-  c.tokenizer.steps = 20000  # Optimisation steps over random item batches.
+  c.tokenizer.train_length = 20000  # Training length, in train_unit.
+  c.tokenizer.train_unit = "epochs"  # "epochs" (passes over the items, N // batch_size batches:
+  #   TIGER paper, LETTER and DACT code, ~240k steps on Toys) | "steps" (DACT paper's text).
+  c.tokenizer.selection = "last"  # Parameters kept: "last" | "min_collision" (lowest collision
+  #   rate among evaluations every eval_every units: the LETTER code).
+  c.tokenizer.eval_every = 2000  # Units between collision-rate evaluations ("min_collision").
   c.tokenizer.batch_size = 1024  # Items per batch.
   c.tokenizer.learning_rate = 1e-3  # AdamW learning rate.
   c.tokenizer.weight_decay = 1e-4  # AdamW weight decay.
   c.tokenizer.kmeans_iterations = 50  # Lloyd iterations of the per-level k-means init.
-  c.tokenizer.kmeans_refresh_steps = ()  # Steps at which the k-means init is fitted again to
-  #   the moved encoder: keeps level-1 codes alive (MiniLM Toys: perplexity 19 -> 232 with
-  #   (200, 500, 800)), though the cpu-preset TIGER scored lower with it (experiments/).
+  c.tokenizer.kmeans_refresh_steps = ()  # Training steps at which the k-means init is fitted
+  #   again to the moved encoder (keeps level-1 codes alive; probes in experiments/).
 
   c.grm = ml_collections.ConfigDict()
   c.grm.d_model = 128  # T5 model width.
@@ -156,7 +164,9 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
     raise ValueError(f"unknown preset {preset!r}; use '' (paper settings) or 'cpu'")
   c = config
   c.sasrec.epochs = 4
-  c.tokenizer.steps = 1000
+  c.tokenizer.train_length = 1000
+  c.tokenizer.train_unit = "steps"
+  c.tokenizer.eval_every = 100
   c.grm.d_model = 64
   c.grm.d_ff = 256
   c.grm.num_heads = 4

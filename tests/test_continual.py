@@ -159,7 +159,7 @@ def test_a_new_period_extends_a_finished_run(tmp_path):
   assert steps and all((n > 0) == ("period_3" in d) for d, n in steps.items()), steps
   assert sum("period_3" in d for d in steps) == 1 + len(config.continual.methods)
   with pytest.raises(ValueError, match="another config"):
-    config.tokenizer.steps += 1
+    config.tokenizer.train_length += 1
     continual.run(config, str(workdir))
 
 

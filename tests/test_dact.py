@@ -15,7 +15,8 @@ from genrec_jax.tokenizers.dact import (CDIM, DACTConfig, dact_loss, drift_confi
 from genrec_jax.tokenizers.identifiers import IdentifierTable
 from genrec_jax.tokenizers.reassign import (code_change_rates, hierarchical_reassign,
                                             keep_and_extend, reencode_all)
-from genrec_jax.tokenizers.rqvae import (RQVAE, RQVAEConfig, info_nce, reconstruction_loss,
+from genrec_jax.tokenizers.quantizer import squared_error
+from genrec_jax.tokenizers.rqvae import (RQVAE, RQVAEConfig, info_nce,
                                          rqvae_losses)
 from genrec_jax.training.tokenizer import (TokenizerTrainConfig, assign_identifiers,
                                            encode_items, train_tokenizer)
@@ -78,7 +79,7 @@ def _batch():
 
 def _objective(tokenizer, x, z, cf, alpha):
   quant = tokenizer.quantizer(z)
-  recon = reconstruction_loss(x, tokenizer.decoder(quant.quantized), "sum")
+  recon = squared_error(x, tokenizer.decoder(quant.quantized), "sum")
   return float(recon + quant.loss + alpha * info_nce(quant.quantized, cf, 1.0))
 
 
@@ -166,7 +167,7 @@ def test_finetune_validates_inputs():
 NUM_ITEMS, LATENT = 480, 8
 DEDUP = 64
 TOKENIZER = RQVAEConfig(input_dim=32, hidden_dims=(64,), latent_dim=LATENT, num_levels=3,
-                        codebook_size=16, recon_reduction="mean", cf_weight=1.0,
+                        codebook_size=16, loss_reduction="mean", cf_weight=1.0,
                         cf_temperature=0.1)
 FINETUNE = DACTConfig(steps=500, batch_size=128, learning_rate=1e-3, warmup_steps=10,
                       cf_weight=1.0, confidence_weight=1.0)
@@ -178,10 +179,10 @@ def drift_run():
   anchors = random_anchors(NUM_ITEMS, LATENT, seed=0)
   cf = [cooccurrence_embeddings(data.interactions, data.period_of_row == p, anchors)
         for p in (0, 1)]
-  base, _ = train_tokenizer(TOKENIZER, TokenizerTrainConfig(steps=300, batch_size=128,
-                                                            learning_rate=1e-2,
-                                                            kmeans_iterations=10),
-                            data.features, cf[0])
+  base, _ = train_tokenizer(
+      TOKENIZER, TokenizerTrainConfig(length=300, unit="steps", batch_size=128,
+                                      learning_rate=1e-2, kmeans_iterations=10),
+      data.features, cf[0])
   base_books = np.asarray(base.quantizer.codebooks[...]).copy()
   table0, _ = assign_identifiers(base, data.features, DEDUP)
   dact_tok, cdim, stats = finetune_tokenizer(base, data.features, cf[1], FINETUNE, "dact")
@@ -321,3 +322,30 @@ def test_planted_drift_data_ground_truth_and_cf_embeddings():
   assert stability[~data.drifting].mean() > stability[data.drifting].mean() + 0.3
   lonely = cooccurrence_embeddings(inter, np.array([0]), anchors)  # one row: no co-occurrence
   np.testing.assert_array_equal(lonely, 0.0)
+
+
+def test_dact_finetuning_averages_the_rq_loss_over_levels_as_the_official_code():
+  """DACT code: F.mse_loss per level (codebook + 0.25 commitment), mean over levels; the DACT
+  configs select that scale, and fine-tuning uses the tokenizer's own scale."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("dact_toys", "configs/dact_toys.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for preset in ("", "cpu"):
+    assert module.get_config(preset).tokenizer.loss_reduction == "mean"
+  cfg = RQVAEConfig(input_dim=6, hidden_dims=(8,), latent_dim=4, num_levels=3,
+                    codebook_size=4, loss_reduction="mean")
+  tokenizer = RQVAE(cfg, rngs=nnx.Rngs(0))
+  x, cf = _batch()
+  _, parts = _naive_loss(tokenizer, x, cf, cfg=DACTConfig(cf_weight=0.0))
+  latent = np.asarray(tokenizer.encoder(x), np.float64)
+  books = np.asarray(tokenizer.quantizer.codebooks[...], np.float64)
+  residual, level_losses, quantized = latent.copy(), [], 0.0
+  for book in books:
+    chosen = book[((residual[:, None] - book[None]) ** 2).sum(-1).argmin(1)]
+    level_losses.append(1.25 * ((residual - chosen) ** 2).mean())
+    residual, quantized = residual - chosen, quantized + chosen
+  np.testing.assert_allclose(float(parts["quant"]), np.mean(level_losses), rtol=1e-5)
+  recon = np.asarray(tokenizer.decoder(jnp.asarray(quantized, jnp.float32)), np.float64)
+  np.testing.assert_allclose(float(parts["recon"]), ((recon - np.asarray(x)) ** 2).mean(),
+                             rtol=1e-4)

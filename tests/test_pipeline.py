@@ -41,7 +41,11 @@ def test_letter_and_sasrec_methods_run(tmp_path):
   config.tokenizer.diversity_weight = 1e-4
   config.tokenizer.diversity_groups = 3
   config.tokenizer.sinkhorn_epsilon = 0.003
+  config.tokenizer.update(selection="min_collision", eval_every=20)
   results = static.run(config, str(tmp_path / "letter"))
+  assert [e["step"] for e in results["tokenizer"]["collision_evaluations"]] == [20, 40, 60]
+  rates = [e["collision_rate"] for e in results["tokenizer"]["collision_evaluations"]]
+  assert results["tokenizer"]["collision_rate"] == pytest.approx(min(rates))
   assert set(results["baselines"]["sasrec"]["test"]) == METRICS
   config = tiny_config(str(tmp_path), method="sasrec")
   results = static.run(config, str(tmp_path / "sasrec"))
@@ -92,7 +96,8 @@ from genrec_jax.pipelines import static
 from tests.conftest import tiny_config
 config = tiny_config(sys.argv[1])
 config.grm.epochs = 2
-config.tokenizer.steps = 20
+config.tokenizer.train_length = 20
+config.tokenizer.train_unit = "steps"
 res = static.run(config, sys.argv[1] + "/run")
 print(json.dumps({"devices": jax.device_count(),
                   "losses": [h["loss"] for h in res["grm_history"]]}))

@@ -34,12 +34,57 @@ def test_quantizer_matches_numpy_and_decodes():
   np.testing.assert_array_equal(np.asarray(out.codes), codes)
   np.testing.assert_allclose(np.asarray(out.quantized), q, atol=1e-5)
   np.testing.assert_allclose(np.asarray(rq.decode(out.codes)), q, atol=1e-5)
-  # losses by hand: sum over levels of mean squared residual error
+  # losses by hand, "sum": squared norms over dimensions, batch mean, levels summed
   resid = np.asarray(out.residuals)
   words = np.asarray(out.codewords)
-  expected = ((resid - words) ** 2).mean(axis=(0, 2)).sum()
+  expected = ((resid - words) ** 2).sum(axis=2).mean(axis=0).sum()
   np.testing.assert_allclose(float(out.codebook_loss), expected, rtol=1e-5)
   np.testing.assert_allclose(float(out.loss), expected * 1.25, rtol=1e-5)
+  # "mean" (LETTER / DACT code: F.mse_loss per level, mean over levels)
+  rq_mean = genrec_jax.ResidualQuantizer(3, 16, 8, loss_reduction="mean", rngs=nnx.Rngs(0))
+  rq_mean.codebooks[...] = rq.codebooks[...]
+  per_level = [((x_l - e_l) ** 2).mean() for x_l, e_l in zip(resid.transpose(1, 0, 2),
+                                                             words.transpose(1, 0, 2))]
+  np.testing.assert_allclose(float(rq_mean(jnp.asarray(x)).loss), 1.25 * np.mean(per_level),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_reduction"):
+    genrec_jax.ResidualQuantizer(3, 16, 8, loss_reduction="max", rngs=nnx.Rngs(0))
+
+
+def _loss_gradients(rq, x, kind):
+  """Gradients (codebooks [L, K, d], x [B, d]) of rq(x)'s `kind` ("codebook_loss" or
+  "commitment_loss")."""
+  grads, grad_x = nnx.grad(lambda m, v: getattr(m(v), kind), argnums=(0, 1))(rq, x)
+  return np.asarray(grads["codebooks"][...]), np.asarray(grad_x)
+
+
+def test_residual_passed_on_carries_no_gradient_as_in_the_reference_rqvae():
+  """Reference RQ-VAE: residual = residual - (x + sg(x_q - x)), so each codebook learns only
+  from its own level's codebook loss and only the level-1 commitment term reaches the input."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
+  rq = ResidualQuantizer(3, 8, 4, rngs=nnx.Rngs(0))
+  rq.init_kmeans(x, jax.random.key(0), iterations=5)
+  out = rq(x)
+  codes, resid = np.asarray(out.codes), np.asarray(out.residuals)
+  e = np.asarray(rq.codebooks[...])
+
+  commit_books, commit_x = _loss_gradients(rq, x, "commitment_loss")
+  np.testing.assert_array_equal(commit_books, 0.0)
+  # d/dx of mean_b ||x_b - sg(e^1_{c_b})||^2: level 1 only (levels 2, 3 get detached residuals)
+  np.testing.assert_allclose(commit_x, 2 * (resid[:, 0] - e[0][codes[:, 0]]) / 64,
+                             atol=1e-6)
+  # d/de^l_k of mean_b ||sg(v_l) - e^l_{c_l}||^2 = 2 sum_{b: c_b = k} (e^l_k - v_lb) / B
+  expected = np.zeros_like(e)
+  for level in range(3):
+    np.add.at(expected[level], codes[:, level], 2 * (e[level][codes[:, level]] - resid[:, level]))
+  book_grad, _ = _loss_gradients(rq, x, "codebook_loss")
+  np.testing.assert_allclose(book_grad, expected / 64, atol=1e-6)
+  # The earlier behaviour stays reachable and leaks commitment gradients into codebooks.
+  leaky = ResidualQuantizer(3, 8, 4, detach_residual=False, rngs=nnx.Rngs(0))
+  leaky.codebooks[...] = rq.codebooks[...]
+  grad, _ = _loss_gradients(leaky, x, "commitment_loss")
+  assert np.abs(grad).max() > 1e-4
 
 
 def test_straight_through_gradient_is_identity():
@@ -221,7 +266,7 @@ def test_kmeans_refresh_refits_the_codebooks_to_the_moved_encoder():
        + rng.normal(size=(512, 12)) * 0.1).astype(np.float32)
   cfg = RQVAEConfig(input_dim=12, hidden_dims=(16,), latent_dim=4, num_levels=2,
                     codebook_size=16)
-  train_cfg = TokenizerTrainConfig(steps=30, batch_size=128, learning_rate=3e-2,
+  train_cfg = TokenizerTrainConfig(length=30, unit="steps", batch_size=128, learning_rate=3e-2,
                                    kmeans_iterations=10)
   plain, _ = train_tokenizer(cfg, train_cfg, x, seed=0)
   refreshed, _ = train_tokenizer(
@@ -230,3 +275,50 @@ def test_kmeans_refresh_refits_the_codebooks_to_the_moved_encoder():
   assert usage[1] >= 0.9 and usage[1] > usage[0], usage
   with pytest.raises(ValueError, match="kmeans_refresh_steps"):
     train_tokenizer(cfg, dataclasses.replace(train_cfg, kmeans_refresh_steps=(30,)), x)
+
+
+def test_diversity_loss_shapes_only_the_codebook_and_matches_numpy():
+  """LETTER's diversity loss: the query is the raw assigned codeword; with groups of two
+  codewords the positive is the other member, so the loss is a plain cross-entropy."""
+  from genrec_jax.tokenizers.rqvae import diversity_loss
+  cfg = RQVAEConfig(input_dim=6, hidden_dims=(8,), latent_dim=4, num_levels=2,
+                    codebook_size=8, diversity_weight=1.0)
+  model = RQVAE(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (32, 6))
+  model.quantizer.init_kmeans(model.encoder(x), jax.random.key(1), iterations=5)
+  groups = jnp.tile(jnp.arange(8) // 2, (2, 1))  # pairs {0, 1}, {2, 3}, ...
+
+  def loss(m):
+    out = m(x)
+    return diversity_loss(out.quant, m.quantizer.codebooks[...], groups, jax.random.key(2))
+
+  value, grads = nnx.value_and_grad(loss)(model)
+  books = np.asarray(model.quantizer.codebooks[...], np.float64)
+  codes = np.asarray(model(x).quant.codes)
+  expected = []
+  for level in range(2):
+    query = books[level][codes[:, level]]
+    logits = query @ books[level].T
+    logits[np.arange(32), codes[:, level]] = -np.inf
+    positive = codes[:, level] ^ 1
+    log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    expected.append(np.mean(log_z - logits[np.arange(32), positive]))
+  np.testing.assert_allclose(float(value), np.mean(expected), rtol=1e-5)
+  encoder_grads = jax.tree.leaves(nnx.state(grads.encoder))
+  assert all(np.abs(np.asarray(g)).max() == 0 for g in encoder_grads)
+  assert np.abs(np.asarray(grads.quantizer.codebooks[...])).max() > 0
+
+
+def test_balanced_kmeans_respects_letter_size_bounds():
+  from genrec_jax.tokenizers.quantizer import letter_group_sizes
+  assert letter_group_sizes(256, 10) == (10, 60)
+  rng = np.random.default_rng(2)
+  # 200 codewords in one tight blob and 56 spread out: the blob may not take more than 60,
+  # and no group may be left with fewer than 10.
+  x = np.concatenate([rng.normal(size=(200, 4)) * 0.01, rng.normal(size=(56, 4)) * 5])
+  labels = balanced_kmeans(x, 10, seed=0, size_min=10, size_max=60)
+  sizes = np.bincount(labels, minlength=10)
+  assert sizes.min() >= 10 and sizes.max() <= 60, sizes
+  assert sizes.max() > 26  # not forced to equal sizes (ceil(256 / 10))
+  with pytest.raises(ValueError, match="cannot hold"):
+    balanced_kmeans(x, 10, size_min=30, size_max=60)

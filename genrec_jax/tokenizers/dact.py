@@ -35,11 +35,10 @@ Paper vs official code (github.com/HomesAmaranta/DACT), and what is implemented 
   current encoder latent r (not the mixed z) and the current level-1 codebook. The code divides
   the per-item KL by K (`F.kl_div(...).mean(-1)`), which makes lambda_g = 5 act like 5 / K;
   `kl_average_over_codes=True` reproduces that, False gives the paper's plain KL.
-- Loss scales follow the tokenizer being fine-tuned (its `recon_reduction`, its quantizer's
-  RQ loss summed over levels, its InfoNCE temperature and similarity), so fine-tuning optimises
-  the objective the tokenizer was trained with. The official code uses a mean-reduced MSE and
-  averages the RQ loss over levels; with cosine InfoNCE at temperature 1 it matches the
-  base-tokenizer defaults of the library.
+- Loss scales follow the tokenizer being fine-tuned (its `loss_reduction`, its InfoNCE
+  temperature and similarity), so fine-tuning optimises the objective the tokenizer was trained
+  with. The DACT configs use loss_reduction "mean", the official code's scale: mean-reduced
+  MSE and the RQ loss averaged over levels, cosine InfoNCE at temperature 1.
 - Schedule: AdamW, linear warm-up then linear decay to 0 (the code's
   `get_linear_schedule_with_warmup`), global-norm clipping at 1. The code warms up for 50 of
   5,000 epochs (1 %), hence `warmup_steps=50` for the paper's 5,000 steps. Batches are
@@ -61,8 +60,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from genrec_jax.tokenizers.quantizer import squared_distances
-from genrec_jax.tokenizers.rqvae import RQVAE, info_nce, reconstruction_loss
+from genrec_jax.tokenizers.quantizer import squared_distances, squared_error
+from genrec_jax.tokenizers.rqvae import RQVAE, info_nce
 
 MODES = ("naive", "dact")
 
@@ -193,8 +192,7 @@ def _tokenizer_objective(tokenizer: RQVAE, x: jax.Array, latent: jax.Array, cf: 
   """
   cfg = tokenizer.cfg
   quant = tokenizer.quantizer(latent)
-  parts = {"recon": reconstruction_loss(x, tokenizer.decoder(quant.quantized),
-                                        cfg.recon_reduction),
+  parts = {"recon": squared_error(x, tokenizer.decoder(quant.quantized), cfg.loss_reduction),
            "quant": quant.loss}
   parts["cf"] = (info_nce(quant.quantized, cf, cfg.cf_temperature, cfg.cf_similarity)
                  if cf_weight > 0 else jnp.zeros(()))

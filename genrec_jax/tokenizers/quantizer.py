@@ -11,7 +11,14 @@ and can be dropped into any Flax NNX model:
     out.loss                     # codebook + beta * commitment loss (scalar)
 
 Math (METHODS.md section 1): v_1 = x; at level l the code is c_l = argmin_k ||v_l - e^l_k||^2,
-v_{l+1} = v_l - e^l_{c_l}; the quantized vector is q = sum_l e^l_{c_l}. With `temperature`
+v_{l+1} = v_l - e^l_{c_l}; the quantized vector is q = sum_l e^l_{c_l}. As in the reference
+RQ-VAE (which subtracts the straight-through output), the residual handed to level l + 1 carries
+no gradient: each codebook learns only from its own level's codebook loss, and only the
+straight-through path reaches the input (`detach_residual=False` keeps the gradient path through
+v_{l+1} = v_l - e^l_{c_l}, an earlier behaviour of this library).
+Loss scale (`loss_reduction`): "sum" takes squared norms over the d dimensions and sums the
+levels (the TIGER paper's ||.||^2); "mean" averages over dimensions and levels (F.mse_loss and
+the level mean of the LETTER / DACT code). With `temperature`
 set, a soft assignment p_l = softmax_k(-||v_l - e^l_k||^2 / T) is returned beside the hard one
 (the distributions that DACT's stability KL, ETEGRec's SIA and UniGRec's soft identifiers use);
 in `soft=True` mode the soft code p_l E_l replaces the hard codeword (UniGRec). With
@@ -39,8 +46,9 @@ class QuantizerOutput:
     residuals: [B, L, d] the residual v_l entering each level.
     codewords: [B, L, d] the selected (or soft) codeword of each level.
     log_probs: [B, L, K] log softmax(-distance / temperature) per level.
-    codebook_loss: scalar, sum over levels of mean ||sg(v_l) - e||^2.
-    commitment_loss: scalar, sum over levels of mean ||v_l - sg(e)||^2.
+    codebook_loss: scalar, ||sg(v_l) - e||^2 per item (summed or averaged over dimensions),
+      mean over the batch, summed or averaged over levels (`loss_reduction`).
+    commitment_loss: scalar, the same reduction of ||v_l - sg(e)||^2.
     loss: scalar, codebook_loss + beta * commitment_loss.
   """
 
@@ -60,6 +68,20 @@ jax.tree_util.register_dataclass(
     meta_fields=[])
 
 
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+def squared_error(a: jax.Array, b: jax.Array, reduction: str) -> jax.Array:
+  """||a - b||^2 of rows a, b [B, d], summed ("sum") or averaged ("mean") over the d
+  dimensions, then averaged over the batch: a scalar."""
+  per_row = jnp.sum((a - b) ** 2, -1)
+  if reduction == "mean":
+    per_row = per_row / a.shape[-1]
+  elif reduction != "sum":
+    raise ValueError(f"loss reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+  return jnp.mean(per_row)
+
+
 def squared_distances(v: jax.Array, codebook: jax.Array) -> jax.Array:
   """||v_b - e_k||^2 for v: [B, d], codebook: [K, d] -> [B, K]."""
   return (jnp.sum(v * v, -1, keepdims=True) - 2.0 * v @ codebook.T +
@@ -74,15 +96,24 @@ class ResidualQuantizer(nnx.Module):
     codebook_size: K, codewords per level.
     dim: d, size of the vectors being quantized.
     beta: weight of the commitment loss (0.25 in TIGER / DACT).
+    loss_reduction: "sum" (squared norms, levels summed: TIGER paper) or "mean" (mean over
+      dimensions and levels: LETTER / DACT code).
+    detach_residual: stop the gradient of the residual handed to the next level (reference
+      RQ-VAE); False lets later levels' losses reach the input and earlier codebooks.
     rngs: NNX rngs; the `params` stream initialises the codebooks (uniform, scale 1/K as in the
       reference RQ-VAE code; k-means initialisation usually overwrites them).
   """
 
   def __init__(self, num_levels: int, codebook_size: int, dim: int, *, beta: float = 0.25,
-               rngs: nnx.Rngs):
+               loss_reduction: str = "sum", detach_residual: bool = True, rngs: nnx.Rngs):
     if num_levels < 1 or codebook_size < 2 or dim < 1:
       raise ValueError(f"ResidualQuantizer needs num_levels >= 1, codebook_size >= 2, dim >= 1; "
                        f"got {num_levels}, {codebook_size}, {dim}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+      raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got "
+                       f"{loss_reduction!r}")
+    self.loss_reduction = loss_reduction
+    self.detach_residual = detach_residual
     self.num_levels = num_levels
     self.codebook_size = codebook_size
     self.dim = dim
@@ -119,13 +150,20 @@ class ResidualQuantizer(nnx.Module):
         chosen = jnp.exp(logp) @ codebook
       else:
         chosen = codebook[code]
-        codebook_loss += jnp.mean((jax.lax.stop_gradient(residual) - chosen) ** 2)
-        commitment_loss += jnp.mean((residual - jax.lax.stop_gradient(chosen)) ** 2)
+        codebook_loss += squared_error(jax.lax.stop_gradient(residual), chosen,
+                                       self.loss_reduction)
+        commitment_loss += squared_error(residual, jax.lax.stop_gradient(chosen),
+                                         self.loss_reduction)
       codes.append(code)
       residuals.append(residual)
       codewords.append(chosen)
       log_probs.append(logp)
       residual = residual - chosen
+      if self.detach_residual and not soft:
+        residual = jax.lax.stop_gradient(residual)
+    if self.loss_reduction == "mean":
+      codebook_loss /= self.num_levels
+      commitment_loss /= self.num_levels
     summed = sum(codewords)
     # Straight-through: forward value is the quantized vector, gradient is the identity.
     quantized = summed if soft else x + jax.lax.stop_gradient(summed - x)
@@ -214,33 +252,47 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *, iterations: int =
   return centroids
 
 
-def balanced_kmeans(x: np.ndarray, num_clusters: int, seed: int = 0, iterations: int = 20
-                    ) -> np.ndarray:
-  """Size-constrained k-means (LETTER's codeword groups): labels int32 [N] of x [N, d] with
-  no cluster above ceil(N / C) points, so that no group swallows most of a codebook.
+def balanced_kmeans(x: np.ndarray, num_clusters: int, seed: int = 0, iterations: int = 20, *,
+                    size_min: int = 0, size_max: int | None = None) -> np.ndarray:
+  """Size-constrained k-means (LETTER's codeword groups): labels int32 [N] of x [N, d], every
+  cluster holding between size_min and size_max points (default size_max: ceil(N / C), equal
+  groups). LETTER groups K = 256 codewords into C = 10 clusters of 10..60 (`letter_group_sizes`).
 
-  Lloyd iterations whose assignment step is the exact minimum-cost assignment under the size
-  limit (each centroid replicated ceil(N / C) times, solved by the Hungarian algorithm).
+  Lloyd iterations whose assignment step is the exact minimum-cost assignment under the bounds:
+  each centroid is offered size_max slots, size_min of them carrying a bonus larger than any
+  total cost so that every cluster's minimum is filled first (Hungarian algorithm).
   """
-  from scipy.optimize import linear_sum_assignment  # scipy ships with jax
+  from scipy.optimize import linear_sum_assignment
   x = np.asarray(x, np.float64)
   n = x.shape[0]
   if not 1 <= num_clusters <= n:
     raise ValueError(f"balanced_kmeans needs 1 <= num_clusters <= {n}, got {num_clusters}")
-  cap = -(-n // num_clusters)
+  size_max = -(-n // num_clusters) if size_max is None else size_max
+  if not 0 <= size_min <= size_max or num_clusters * size_min > n or num_clusters * size_max < n:
+    raise ValueError(f"cluster sizes [{size_min}, {size_max}] cannot hold {n} points in "
+                     f"{num_clusters} clusters")
   rng = np.random.default_rng(seed)
   centroids = x[rng.choice(n, num_clusters, replace=False)]
   labels = np.full(n, -1)
+  required = np.arange(size_max) < size_min  # [size_max] slots that carry the bonus
   for _ in range(iterations):
     cost = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)  # [N, C]
-    _, slot = linear_sum_assignment(np.repeat(cost, cap, axis=1))
-    new = slot // cap
+    bonus = (cost.max() + 1.0) * n
+    slots = np.repeat(cost, size_max, axis=1) - bonus * np.tile(required, num_clusters)
+    _, slot = linear_sum_assignment(slots)
+    new = slot // size_max
     if np.array_equal(new, labels):
       break
     labels = new
     centroids = np.stack([x[labels == c].mean(0) if (labels == c).any() else centroids[c]
                           for c in range(num_clusters)])
   return labels.astype(np.int32)
+
+
+def letter_group_sizes(codebook_size: int, num_groups: int) -> tuple[int, int]:
+  """(size_min, size_max) of LETTER's constrained k-means over a codebook: min(K // (2C), 10)
+  and 6C, as in the official trainer (10 and 60 for K = 256, C = 10)."""
+  return min(codebook_size // (2 * num_groups), 10), min(6 * num_groups, codebook_size)
 
 
 def code_usage(codes: np.ndarray, codebook_size: int) -> dict[str, list[float]]:

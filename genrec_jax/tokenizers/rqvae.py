@@ -3,10 +3,13 @@
 x [B, D_in] --encoder MLP--> r [B, d] --ResidualQuantizer--> q [B, d] --decoder MLP--> x_hat.
 
 Losses (METHODS.md sections 1-2):
-  reconstruction  ||x - x_hat||^2 (mean over the batch; summed or averaged over dimensions)
-  quantization    sum_l ||sg(v_l) - e_l||^2 + beta ||v_l - sg(e_l)||^2
+  reconstruction  ||x - x_hat||^2 (mean over the batch)
+  quantization    per level ||sg(v_l) - e_l||^2 + beta ||v_l - sg(e_l)||^2
   collaborative   InfoNCE(q_i, cf_i) over the batch (LETTER; DACT's base tokenizer, alpha 0.02)
   diversity       codewords of one k-means group of a level attract an item's codeword (LETTER)
+One scale for reconstruction and quantization (`loss_reduction`): "sum" = squared norms over
+dimensions, levels summed (TIGER paper); "mean" = averages over dimensions and levels
+(F.mse_loss in the LETTER and DACT code, whose RQ loss is the mean of the level losses).
 While training, LETTER also assigns last-level codes by balanced Sinkhorn assignment over the
 batch (`sinkhorn_epsilon`); identifiers are always encoded by argmin.
 """
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genrec_jax.tokenizers.quantizer import QuantizerOutput, ResidualQuantizer
+from genrec_jax.tokenizers.quantizer import QuantizerOutput, ResidualQuantizer, squared_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,8 @@ class RQVAEConfig:
   num_levels: int = 3
   codebook_size: int = 256
   beta: float = 0.25
-  recon_reduction: str = "sum"  # "sum" over dimensions (robust to collapse) or "mean" (DACT code)
+  loss_reduction: str = "sum"  # "sum" (TIGER paper norms) | "mean" (LETTER / DACT code)
+  detach_residual: bool = True  # reference RQ-VAE: no gradient through the passed residual
   cf_weight: float = 0.0  # alpha of the collaborative InfoNCE (0 = TIGER)
   cf_temperature: float = 1.0
   cf_similarity: str = "cosine"  # "cosine" (DACT code) or "dot" (LETTER code)
@@ -73,7 +77,8 @@ class RQVAE(nnx.Module):
     dims = (cfg.input_dim,) + tuple(cfg.hidden_dims) + (cfg.latent_dim,)
     self.encoder = MLP(dims, rngs)
     self.quantizer = ResidualQuantizer(cfg.num_levels, cfg.codebook_size, cfg.latent_dim,
-                                       beta=cfg.beta, rngs=rngs)
+                                       beta=cfg.beta, loss_reduction=cfg.loss_reduction,
+                                       detach_residual=cfg.detach_residual, rngs=rngs)
     self.decoder = MLP(dims[::-1], rngs)
 
   def __call__(self, x: jax.Array, *, temperature: float = 1.0, training: bool = False
@@ -94,16 +99,6 @@ class RQVAE(nnx.Module):
     return self.quantizer.encode(self.encoder(x))
 
 
-def reconstruction_loss(x: jax.Array, x_hat: jax.Array, reduction: str) -> jax.Array:
-  """Squared error summed ("sum") or averaged ("mean") over dimensions, mean over the batch."""
-  per_item = jnp.sum((x - x_hat) ** 2, -1)
-  if reduction == "mean":
-    per_item = per_item / x.shape[-1]
-  elif reduction != "sum":
-    raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {reduction!r}")
-  return jnp.mean(per_item)
-
-
 def info_nce(a: jax.Array, b: jax.Array, temperature: float, similarity: str = "cosine"
              ) -> jax.Array:
   """Cross-entropy of sim(a_i, b_j) / temperature with the diagonal as positives; a, b [B, d]."""
@@ -122,15 +117,15 @@ def diversity_loss(quant: QuantizerOutput, codebooks: jax.Array, groups: jax.Arr
 
   For an item assigned code k at level l, a random other codeword of k's group (groups: int32
   [L, K] from k-means over the level's codewords) is the positive; all codewords of the level
-  are candidates (dot products, self masked). The query is the straight-through codeword, so
-  the gradient reaches the encoder. Items whose group has no other member are skipped.
+  are candidates (dot products, temperature 1, self masked). As in the LETTER code, the query
+  is the raw assigned codeword, so the loss shapes the codebook only (no gradient reaches the
+  encoder, whose codes come from an argmin). Items whose group has no other member are skipped.
   """
   num_levels, k = groups.shape
   total = 0.0
   for level in range(num_levels):
     code = quant.codes[:, level]
-    residual = quant.residuals[:, level]
-    query = residual + jax.lax.stop_gradient(quant.codewords[:, level] - residual)
+    query = codebooks[level][code]
     same = groups[level][code][:, None] == groups[level][None, :]
     not_self = jnp.arange(k)[None, :] != code[:, None]
     eligible = same & not_self
@@ -149,7 +144,7 @@ def rqvae_losses(model: RQVAE, x: jax.Array, cf: jax.Array | None = None,
   """Total tokenizer loss and its parts for items x [B, D_in] (cf [B, d_cf] for LETTER)."""
   cfg = model.cfg
   out = model(x, training=True)
-  parts = {"recon": reconstruction_loss(x, out.reconstruction, cfg.recon_reduction),
+  parts = {"recon": squared_error(x, out.reconstruction, cfg.loss_reduction),
            "quant": out.quant.loss}
   total = parts["recon"] + parts["quant"]
   if cfg.cf_weight > 0:

@@ -1,10 +1,15 @@
 """Training of the RQ-VAE tokenizer and assignment of item identifiers.
 
-Items are few (about 12k), so the tokenizer trains for a fixed number of steps on random
-batches of the item set (METHODS.md section 1: AdamW lr 1e-3, batch 1024, k-means init per
-level; optionally fitted again after warm-up steps, `kmeans_refresh_steps`). LETTER's diversity
-loss needs groups of codewords: size-constrained k-means (10 groups per level, none above
-ceil(K / 10) codewords) over each level's codewords, refreshed every `diversity_refresh_steps`.
+Items are few (about 12k), so the tokenizer trains on random batches of the item set for a
+length counted in `unit`s: "epochs" (passes over the items, N // batch_size batches each; the
+TIGER paper and the LETTER / DACT code: 20k epochs) or "steps" (batches; the DACT paper's
+20k steps). METHODS.md section 1: AdamW lr 1e-3, batch 1024, k-means init per level; optionally
+fitted again after warm-up steps (`kmeans_refresh_steps`). LETTER's diversity loss needs groups
+of codewords: constrained k-means (10 groups per level of 10..60 codewords, as the LETTER
+code) over each level's codewords, refreshed every epoch as in the LETTER code (or every
+`diversity_refresh_steps`). `selection="min_collision"` keeps the parameters with the lowest
+collision rate among evaluations every `eval_every` units (the LETTER code's checkpoint rule);
+"last" keeps the final ones (TIGER, DACT).
 """
 
 from __future__ import annotations
@@ -21,29 +26,67 @@ from flax import nnx
 
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, collision_rate,
                                                one_to_one_table)
-from genrec_jax.tokenizers.quantizer import balanced_kmeans, code_usage
+from genrec_jax.tokenizers.quantizer import balanced_kmeans, code_usage, letter_group_sizes
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, rqvae_losses
+
+UNITS = ("steps", "epochs")
+SELECTIONS = ("last", "min_collision")
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerTrainConfig:
-  """Optimisation settings of the tokenizer."""
+  """Optimisation settings of the tokenizer.
 
-  steps: int = 20000
+  Attributes:
+    length: training length, in `unit`s.
+    unit: "steps" (batches) or "epochs" (N // batch_size batches each).
+    batch_size, learning_rate, weight_decay: AdamW on random item batches.
+    kmeans_iterations: Lloyd iterations of the per-level k-means initialisation.
+    kmeans_refresh_steps: steps at which the k-means initialisation is fitted again.
+    diversity_groups: codeword groups per level (LETTER: 10).
+    diversity_refresh_steps: steps between group refreshes (0 = every epoch, LETTER code).
+    selection: "last" or "min_collision" (lowest collision rate among evaluations).
+    eval_every: units between collision-rate evaluations for "min_collision".
+    log_every: steps between progress lines.
+  """
+
+  length: int = 20000
+  unit: str = "steps"
   batch_size: int = 1024
   learning_rate: float = 1e-3
   weight_decay: float = 1e-4
   kmeans_iterations: int = 50
-  kmeans_refresh_steps: tuple[int, ...] = ()  # re-run the k-means init at these steps
+  kmeans_refresh_steps: tuple[int, ...] = ()
   diversity_groups: int = 10
-  diversity_refresh_steps: int = 200
+  diversity_refresh_steps: int = 0
+  selection: str = "last"
+  eval_every: int = 2000
   log_every: int = 500
+
+  def steps_per_unit(self, num_items: int) -> int:
+    """Batches in one unit: 1 for steps, N // batch_size for epochs (at least 1)."""
+    return 1 if self.unit == "steps" else max(1, num_items // min(self.batch_size, num_items))
+
+  def check(self) -> None:
+    if self.unit not in UNITS:
+      raise ValueError(f"tokenizer.train_unit must be one of {UNITS}, got {self.unit!r}")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"tokenizer.selection must be one of {SELECTIONS}, got "
+                       f"{self.selection!r}")
+    if self.length < 1 or self.batch_size < 1:
+      raise ValueError(f"tokenizer.train_length and batch_size must be >= 1, got "
+                       f"{self.length}, {self.batch_size}")
+    if self.selection == "min_collision" and self.eval_every < 1:
+      raise ValueError(f"tokenizer.eval_every must be >= 1 with selection 'min_collision', "
+                       f"got {self.eval_every}")
 
 
 def _codeword_groups(codebooks: jax.Array, num_groups: int, seed: int) -> jax.Array:
-  """Size-constrained k-means group label of every codeword, int32 [L, K]."""
+  """LETTER's constrained k-means group label of every codeword, int32 [L, K]."""
   books = np.asarray(jax.device_get(codebooks))
-  return jnp.asarray(np.stack([balanced_kmeans(book, num_groups, seed=seed + level)
+  size_min, size_max = letter_group_sizes(books.shape[1], num_groups)
+  return jnp.asarray(np.stack([balanced_kmeans(book, num_groups, seed=seed + level,
+                                               size_min=size_min, size_max=size_max)
                                for level, book in enumerate(books)]))
 
 
@@ -51,8 +94,10 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
                     cf: np.ndarray | None = None, seed: int = 0) -> tuple[RQVAE, dict]:
   """Trains an RQ-VAE on item vectors features [N, D_in] (cf [N, d] for LETTER).
 
-  Returns the trained model and a dict of training diagnostics (final losses, seconds).
+  Returns the selected model and a dict of training diagnostics (final losses, steps,
+  seconds; with "min_collision" selection the evaluated collision rates and the chosen step).
   """
+  cfg.check()
   features = np.asarray(features, np.float32)
   if not np.isfinite(features).all():
     raise ValueError("tokenizer input features contain NaN or inf")
@@ -70,8 +115,10 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
                      f" got {cfg.diversity_groups}")
   if n < model_cfg.codebook_size:
     raise ValueError(f"{n} items are fewer than the codebook size {model_cfg.codebook_size}")
-  if any(not 0 < s < cfg.steps for s in cfg.kmeans_refresh_steps):
-    raise ValueError(f"kmeans_refresh_steps must lie in (0, steps={cfg.steps}), got "
+  per_unit = cfg.steps_per_unit(n)
+  steps = cfg.length * per_unit
+  if any(not 0 < s < steps for s in cfg.kmeans_refresh_steps):
+    raise ValueError(f"kmeans_refresh_steps must lie in (0, {steps}) (training steps), got "
                      f"{cfg.kmeans_refresh_steps}")
   key = jax.random.key(seed)
   model = RQVAE(model_cfg, rngs=nnx.Rngs(seed))
@@ -83,6 +130,8 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   optimizer = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
   opt_state = optimizer.init(params)
   batch = min(cfg.batch_size, n)
+  refresh_every = cfg.diversity_refresh_steps or max(1, n // batch)
+  eval_steps = cfg.eval_every * per_unit
 
   @jax.jit
   def step(params, opt_state, idx, groups, step_key):
@@ -97,8 +146,8 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   order, cursor = rng.permutation(n), 0
   groups = jnp.zeros((model_cfg.num_levels, model_cfg.codebook_size), jnp.int32)
   t0 = time.time()
-  parts = {}
-  for i in range(cfg.steps):
+  parts, evaluations, best = {}, [], None
+  for i in range(steps):
     if cursor + batch > n:
       order, cursor = rng.permutation(n), 0
     idx = order[cursor:cursor + batch]
@@ -110,19 +159,29 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
       model.quantizer.init_kmeans(model.encoder(x_all), jax.random.fold_in(key, 3 + i),
                                   iterations=cfg.kmeans_iterations)
       params = nnx.state(model)
-    if model_cfg.diversity_weight > 0 and i % cfg.diversity_refresh_steps == 0:
+    if model_cfg.diversity_weight > 0 and i % refresh_every == 0:
       groups = _codeword_groups(nnx.merge(graphdef, params).quantizer.codebooks[...],
                                 cfg.diversity_groups, seed + i)
     params, opt_state, parts = step(params, opt_state, jnp.asarray(idx), groups,
                                     jax.random.fold_in(key, 10_000_000 + i))
-    if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+    if cfg.selection == "min_collision" and ((i + 1) % eval_steps == 0 or i + 1 == steps):
+      rate = collision_rate(encode_items(nnx.merge(graphdef, params), features))
+      evaluations.append({"step": i + 1, "collision_rate": rate})
+      logging.info("[tokenizer] step %d collision rate %.4f", i + 1, rate)
+      if best is None or rate < best[0]:
+        best = (rate, i + 1, jax.tree.map(jnp.copy, params))
+    if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
       elapsed = time.time() - t0
-      logging.info("[tokenizer] step %d/%d %s  %.0f steps/s  ETA %.0fs", i + 1, cfg.steps,
+      logging.info("[tokenizer] step %d/%d %s  %.0f steps/s  ETA %.0fs", i + 1, steps,
                    " ".join(f"{k} {float(v):.4f}" for k, v in parts.items()),
-                   (i + 1) / elapsed, elapsed / (i + 1) * (cfg.steps - i - 1))
-  model = nnx.merge(graphdef, params)
-  return model, {"final_losses": {k: float(v) for k, v in parts.items()},
-                 "seconds": time.time() - t0}
+                   (i + 1) / elapsed, elapsed / (i + 1) * (steps - i - 1))
+  stats = {"final_losses": {k: float(v) for k, v in parts.items()}, "steps": steps,
+           "seconds": time.time() - t0}
+  if best is not None:
+    params = best[2]
+    stats.update(selected_step=best[1], collision_evaluations=evaluations)
+    logging.info("[tokenizer] kept step %d (lowest collision rate %.4f)", best[1], best[0])
+  return nnx.merge(graphdef, params), stats
 
 
 @nnx.jit
