@@ -90,10 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.grm.num_encoder_layers = 4  # Encoder blocks.
   c.grm.num_decoder_layers = 4  # Decoder blocks.
   c.grm.dropout_rate = 0.1  # Dropout everywhere.
-  c.grm.learning_rate = 1e-4  # AdamW learning rate (DACT code).
+  c.grm.learning_rate = 1e-4  # AdamW learning rate (DACT code), constant.
   c.grm.weight_decay = 0.01  # AdamW weight decay.
-  c.grm.warmup_steps = 100  # Linear warm-up steps.
-  c.grm.grad_clip = 1.0  # Global gradient-norm clipping.
+  c.grm.warmup_steps = 0  # Linear warm-up steps (0 = none, the reference code).
+  c.grm.grad_clip = 0.0  # Global gradient-norm clipping (0 = none, the reference code).
+  c.grm.loss_reduction = "mean"  # Target-token cross-entropy "mean" (reference) | "sum".
   c.grm.batch_size = 256  # Training samples per batch (a multiple of the device count).
   c.grm.eval_batch_size = 256  # Users per beam-search batch.
   c.grm.beam_size = 20  # Beams = ranked items returned per user.
@@ -113,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual.methods = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer",
                          "dact")  # Rows of the DACT table to run, in this order.
   c.continual.fractions = (0.6, 0.7, 0.8, 0.9)  # Cumulative cut points of D0..D4.
+  c.continual.min_test_history = 2  # Fewest past items of a kept test target: 2 = official
+  #   DACT split (users with >= 3 interactions up to the period's end); 1 = every user.
   c.continual.new_periods = ()  # Interaction files of later periods (data.format, no k-core
   #   filter), in time order, appended after D4 as D5, D6, ...; run again with the same workdir
   #   and only the new periods are computed (stored codebooks, identifiers and models carry over).

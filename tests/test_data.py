@@ -1,6 +1,7 @@
 """Tests of genrec_jax.data: readers, k-core filter, indexing, leave-one-out, TFDS round trip."""
 
 import gzip
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -246,3 +247,34 @@ def test_tfds_round_trip(tmp_path):
         tfds_builder.load_tfds_interactions("toys", tmp_path / "tfds")
     with pytest.raises(DataError, match=re.escape(str(manual / "toys")) + ".*file not found"):
         tfds_builder.prepare_tfds("toys", manual, tmp_path / "tfds")
+
+
+def _shipped_config(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("cpu")
+
+
+@pytest.mark.parametrize("config_name", ["tiger_toys", "dact_beauty", "own_file_named_toys"])
+def test_tfds_path_with_the_shipped_configs(tmp_path, config_name):
+    """`--config.data.use_tfds=True` with the shipped configs (predefined TFDS names toys and
+    beauty) and with a user's own file under a predefined name: the pipeline's data stage reads
+    the same interactions through TFDS as directly."""
+    from genrec_jax.pipelines.static import load_dataset
+    if config_name == "own_file_named_toys":
+        config = _shipped_config("tiger_toys")
+        config.data.path = str(_write_formats(tmp_path, CHAIN * 3)["csv"])
+        config.data.min_count = 1
+    else:
+        config = _shipped_config(config_name)
+    if not Path(config.data.path).is_file():
+        pytest.skip(f"{config.data.path} not found")
+    config.data.use_tfds = True
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    direct = load_interactions(config.data.path, config.data.format, config.data.min_count)
+    through_tfds = load_dataset(config, str(tmp_path))
+    for field in ("user", "item", "timestamp", "user_ids", "item_ids"):
+        np.testing.assert_array_equal(getattr(through_tfds, field), getattr(direct, field))
+    assert load_dataset(config, str(tmp_path)).num_interactions == direct.num_interactions

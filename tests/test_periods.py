@@ -71,8 +71,26 @@ def test_period_boundaries_day_rule():
     continual_split(_small(), (0.4, 0.45))  # both cuts fall on day 2
 
 
+def test_official_rule_keeps_test_targets_with_at_least_two_past_items():
+  """Official DACT split: a test target needs >= 3 interactions of its user up to the end of
+  the period. In D2, u2 (items i0, i2) and u3 (i6, i7) have two interactions each: dropped."""
+  official = continual_split(_small(), SMALL_FRACTIONS, max_history=2, cf_max_len=3)
+  every = continual_split(_small(), SMALL_FRACTIONS, max_history=2, cf_max_len=3,
+                          min_test_history=1)
+  _assert_samples(official[2].test, [0, 1], [9, 5], [[7, 8], [4, 3]])
+  assert len(every[2].test) == 4
+  for p, q in zip(official, every):
+    for name in ("train", "valid", "cf_windows"):
+      np.testing.assert_array_equal(getattr(p, name).target, getattr(q, name).target)
+  for p, q in zip(official[:2], every[:2]):
+    np.testing.assert_array_equal(p.test.target, q.test.target)
+  with pytest.raises(ValueError, match="min_test_history"):
+    continual_split(_small(), SMALL_FRACTIONS, min_test_history=0)
+
+
 def test_continual_split_small():
-  p0, p1, p2 = continual_split(_small(), SMALL_FRACTIONS, max_history=2, cf_max_len=3)
+  p0, p1, p2 = continual_split(_small(), SMALL_FRACTIONS, max_history=2, cf_max_len=3,
+                               min_test_history=1)
   assert [(p.index, p.first_day, p.last_day, p.num_interactions) for p in (p0, p1, p2)] == [
       (0, "2014-01-01", "2014-01-03", 10), (1, "2014-01-04", "2014-01-04", 4),
       (2, "2014-01-05", "2014-01-06", 6)]
@@ -114,7 +132,7 @@ def test_continual_split_small():
 
 
 def test_retrain_samples_small():
-  periods = continual_split(_small(), SMALL_FRACTIONS, max_history=2)
+  periods = continual_split(_small(), SMALL_FRACTIONS, max_history=2, min_test_history=1)
   # train0, valid0, test0, train1 (empty), valid1, test1, train2
   _assert_samples(retrain_samples(periods, 2), [0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0],
                   [1, 2, 2, 3, 0, 4, 4, 5, 6, 3, 7],
@@ -137,7 +155,9 @@ def test_official_last_days(name):
 
 def test_toys_invariants():
   inter, max_history, cf_max_len = _load("toys"), 20, 50
-  periods = continual_split(inter, max_history=max_history, cf_max_len=cf_max_len)
+  # Every user with a past keeps a test target here, so every non-first row is a target once.
+  periods = continual_split(inter, max_history=max_history, cf_max_len=cf_max_len,
+                            min_test_history=1)
   n, rows = inter.num_interactions, np.arange(inter.num_interactions)
   assert sum(p.num_interactions for p in periods) == n
   counts = np.bincount(inter.user, minlength=inter.num_users)

@@ -3,7 +3,9 @@
 All interactions are ordered by time and cut at UTC day boundaries into periods D_0..D_{P-1}
 (P = len(fractions) + 1: five periods for the cut points 60 / 70 / 80 / 90 %). One rule splits
 every period, D_0 included: each user's last interaction in D_t is a test target, the
-second-last a validation target and the rest are training targets. A user's first-ever
+second-last a validation target and the rest are training targets. As in the official DACT
+split, a test target is kept only when its history holds at least `min_test_history` = 2 items
+(the user has >= 3 interactions up to the end of D_t); validation targets have no such rule. A user's first-ever
 interaction has no history and is never a target. Histories reach back over the user's whole
 past, across earlier periods, so a validation or test interaction of period t is seen later only
 as history. For users with >= 3 interactions in D_0 this is leave-one-out inside D_0.
@@ -105,7 +107,8 @@ def _cf_windows(
 
 
 def continual_split(inter: Interactions, fractions=FRACTIONS, max_history: int = 20,
-                    cf_max_len: int = 50, appended_after: tuple[int, ...] = ()) -> list[Period]:
+                    cf_max_len: int = 50, appended_after: tuple[int, ...] = (),
+                    min_test_history: int = 2) -> list[Period]:
   """Splits `inter` (rows sorted by user, then time) into the continual protocol's periods.
 
   Args:
@@ -116,14 +119,18 @@ def continual_split(inter: Interactions, fractions=FRACTIONS, max_history: int =
     appended_after: for periods appended to the original data (`append_interactions`), the
       last day (UTC day number) of the data before each appended period. The fractions cut
       the interactions up to appended_after[0]; each appended period is one more period.
+    min_test_history: fewest past items (all periods) of a kept test target: 2 is the
+      official DACT split (users with >= 3 interactions up to the end of the period), 1 keeps
+      every user with a past.
 
   Returns:
     the P = len(fractions) + 1 + len(appended_after) periods in time order. Raises DataError
     if the rows are not sorted or a period would be empty (one day holding more than the gap
     between cut points).
   """
-  if max_history < 1 or cf_max_len < 1:
-    raise ValueError(f"max_history and cf_max_len must be >= 1, got {max_history}, {cf_max_len}")
+  if max_history < 1 or cf_max_len < 1 or min_test_history < 1:
+    raise ValueError(f"max_history, cf_max_len and min_test_history must be >= 1, got "
+                     f"{max_history}, {cf_max_len}, {min_test_history}")
   same_user = np.diff(inter.user) == 0
   if np.any(np.diff(inter.user) < 0) or np.any(np.diff(inter.timestamp)[same_user] < 0):
     raise DataError(f"{inter.source}: rows are not sorted by user, then time")
@@ -152,7 +159,8 @@ def continual_split(inter: Interactions, fractions=FRACTIONS, max_history: int =
   new_group[1:] = (inter.user[1:] != inter.user[:-1]) | (period[1:] != period[:-1])
   group = np.cumsum(new_group) - 1
   pos_from_end = np.cumsum(np.bincount(group))[group] - rows
-  is_target = rows != start[inter.user]  # a first-ever interaction has no history
+  past = rows - start[inter.user]  # [N] items before each row in the user's whole history
+  is_target = past > 0  # a first-ever interaction has no history
   first_period = np.full(inter.num_items, num_periods)  # [I] period where each item appears
   np.minimum.at(first_period, inter.item, period)
 
@@ -167,7 +175,8 @@ def continual_split(inter: Interactions, fractions=FRACTIONS, max_history: int =
         last_day=_iso_day(day[in_t].max()),
         train=samples_for_rows(inter, train_rows, start, max_history),
         valid=samples_for_rows(inter, rows[targets & (pos_from_end == 2)], start, max_history),
-        test=samples_for_rows(inter, rows[targets & (pos_from_end == 1)], start, max_history),
+        test=samples_for_rows(inter, rows[targets & (pos_from_end == 1) &
+                                          (past >= min_test_history)], start, max_history),
         catalog=np.flatnonzero(first_period <= t).astype(np.int32),
         new_items=np.flatnonzero(first_period == t).astype(np.int32),
         cf_windows=_cf_windows(inter, train_rows, start, cf_max_len),

@@ -11,6 +11,8 @@ writes and reads (through `tfds.data_source`) with NumPy only; no TensorFlow is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,26 @@ def _config(name: str | AmazonInteractionsConfig) -> AmazonInteractionsConfig:
     if name not in configs:
         raise ValueError(f"unknown config {name!r}; known: {sorted(configs)}")
     return configs[name]
+
+
+def config_for_file(name: str, path: str | Path, fmt: str = "auto"
+                    ) -> tuple[AmazonInteractionsConfig, Path]:
+    """The builder config and manual dir that prepare the interaction file `path`.
+
+    A predefined config (toys, beauty) is used when `name` is one and `path` is its file under
+    some manual dir (the shared data layout); any other file, including a user's own file
+    under a predefined name, gets a config of its own, named after `name` and a digest of the
+    file's absolute path and format, so that datasets of different files never share a name.
+    """
+    path = Path(path).resolve()
+    predefined = AmazonInteractions.builder_configs.get(name)
+    if predefined is not None and path.as_posix().endswith("/" + predefined.filename):
+        return predefined, Path(path.as_posix()[:-len(predefined.filename) - 1])
+    digest = hashlib.sha1(f"{path}|{fmt}".encode()).hexdigest()[:10]
+    safe = re.sub(r"[^a-z0-9_]", "_", name.lower()) or "interactions"
+    config = AmazonInteractionsConfig(name=f"{safe}_{digest}", filename=path.name, fmt=fmt,
+                                      description=f"Interactions of {path}.")
+    return config, path.parent
 
 
 def prepare_tfds(

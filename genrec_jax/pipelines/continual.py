@@ -86,7 +86,7 @@ class ContinualRun:
       self.item_chunks.append(self.inter.item_ids[known:])
     self.periods: list[Period] = continual_split(
         self.inter, tuple(config.continual.fractions), config.data.max_history,
-        config.sasrec.max_len, tuple(appended_after))
+        config.sasrec.max_len, tuple(appended_after), config.continual.min_test_history)
     self.num_items = self.inter.num_items
     base_periods = len(config.continual.fractions) + 1
     # Rows of the CF item table in period t: every item of the original data, then the items of

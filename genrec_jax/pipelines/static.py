@@ -46,10 +46,9 @@ def load_dataset(config: ml_collections.ConfigDict, workdir: str) -> Interaction
     return load_interactions(data.path, data.format, data.min_count)
   from genrec_jax.data import tfds_builder  # imported lazily: TFDS is slow to import
   tfds_dir = data.tfds_dir or os.path.join(workdir, "tfds")
-  builder_config = tfds_builder.AmazonInteractionsConfig(
-      name=data.name, filename=os.path.basename(data.path), fmt=data.format)
-  tfds_builder.prepare_tfds(builder_config, os.path.dirname(data.path), tfds_dir)
-  raw = tfds_builder.load_tfds_interactions(data.name, tfds_dir)
+  builder_config, manual_dir = tfds_builder.config_for_file(data.name, data.path, data.format)
+  tfds_builder.prepare_tfds(builder_config, manual_dir, tfds_dir)
+  raw = tfds_builder.load_tfds_interactions(builder_config.name, tfds_dir)
   return index_interactions(k_core_filter(raw, data.min_count))
 
 
@@ -75,7 +74,7 @@ def grm_trainer(config, vocab_size: int, mesh) -> GRMTrainer:
                        num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate)
   train_cfg = GRMTrainConfig(
       learning_rate=g.learning_rate, weight_decay=g.weight_decay, warmup_steps=g.warmup_steps,
-      grad_clip=g.grad_clip, batch_size=g.batch_size, eval_batch_size=g.eval_batch_size,
+      grad_clip=g.grad_clip, loss_reduction=g.loss_reduction, batch_size=g.batch_size, eval_batch_size=g.eval_batch_size,
       beam_size=g.beam_size, constrained=g.constrained, length_buckets=tuple(g.length_buckets),
       loop=LoopConfig(epochs=g.epochs, eval_every=g.eval_every, patience=g.patience,
                       select_metric=g.select_metric, seed=config.seed,

@@ -39,8 +39,9 @@ class GRMTrainConfig:
 
   learning_rate: float = 1e-4
   weight_decay: float = 0.01
-  warmup_steps: int = 100
-  grad_clip: float = 1.0
+  warmup_steps: int = 0
+  grad_clip: float = 0.0
+  loss_reduction: str = "mean"
   batch_size: int = 256
   eval_batch_size: int = 256
   beam_size: int = 20
@@ -72,12 +73,23 @@ def sample_batches(samples: SampleSet, item_tokens: np.ndarray, batch_size: int,
     yield batch, idx
 
 
-def grm_loss(model: T5, batch: dict, key: jax.Array | None) -> jax.Array:
-  """Weighted mean cross-entropy over the target's tokens."""
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def grm_loss(model: T5, batch: dict, key: jax.Array | None, reduction: str = "mean"
+             ) -> jax.Array:
+  """Cross-entropy of the target's D tokens, per sample averaged ("mean": the reference
+  code's token-level CE) or summed ("sum") over tokens, then averaged over real samples.
+
+  batch: `inputs` int32 [B, T], `targets` int32 [B, D], `weight` float [B] (0 = padding).
+  """
+  if reduction not in LOSS_REDUCTIONS:
+    raise ValueError(f"grm.loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
   targets = batch["targets"]
   decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
   logits = model(batch["inputs"], decoder_inputs, key)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(-1)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  nll = nll.mean(-1) if reduction == "mean" else nll.sum(-1)
   return jnp.sum(nll * batch["weight"]) / jnp.maximum(batch["weight"].sum(), 1.0)
 
 
@@ -102,7 +114,7 @@ class GRMTrainer:
 
   def _step(self, params, opt_state, batch, key):
     def loss_fn(p):
-      return grm_loss(nnx.merge(self.graphdef, p), batch, key)
+      return grm_loss(nnx.merge(self.graphdef, p), batch, key, self.cfg.loss_reduction)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
