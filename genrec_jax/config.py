@@ -149,6 +149,72 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+class ConfigError(ValueError):
+  """A config field that makes no sense; the message names the field and the fix."""
+
+
+METHOD_NAMES = ("tiger", "letter", "sasrec", "continual")
+CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
+CHOICES = {
+    "method": METHOD_NAMES,
+    "data.format": ("auto", "csv", "mcauley_json", "ratings_csv"),
+    "embeddings.source": ("minilm", "file", "cf"),
+    "sasrec.loss": ("ce", "bce"),
+    "tokenizer.loss_reduction": ("sum", "mean"),
+    "tokenizer.train_unit": ("epochs", "steps"),
+    "tokenizer.selection": ("last", "min_collision"),
+    "tokenizer.cf_similarity": ("cosine", "dot"),
+    "grm.loss_reduction": ("mean", "sum"),
+}
+POSITIVE = ("data.max_history", "sasrec.hidden_dim", "sasrec.epochs", "sasrec.batch_size",
+            "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
+            "tokenizer.codebook_size", "tokenizer.dedup_size", "tokenizer.train_length",
+            "tokenizer.batch_size", "grm.d_model", "grm.epochs", "grm.eval_every",
+            "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "continual.dact.steps",
+            "continual.dact.batch_size", "continual.min_test_history")
+
+
+def _field(config: ml_collections.ConfigDict, name: str):
+  node = config
+  for part in name.split("."):
+    node = node[part]
+  return node
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line: the field, the problem, the fix) for settings that cannot
+  work, before any data is read or model trained."""
+  for name, choices in CHOICES.items():
+    if _field(config, name) not in choices:
+      raise ConfigError(f"{name}={_field(config, name)!r} is not one of {choices}")
+  for name in POSITIVE:
+    if not _field(config, name) >= 1:
+      raise ConfigError(f"{name}={_field(config, name)!r} must be a positive number")
+  if not os.path.isfile(config.data.path):
+    raise ConfigError(f"data.path={config.data.path!r}: file not found; point it at your "
+                      f"interactions file")
+  needs_text = config.embeddings.source == "minilm" and config.method != "sasrec"
+  if needs_text and not os.path.isfile(config.data.items_csv):
+    raise ConfigError(
+        f"data.items_csv={config.data.items_csv!r}: no item text file, which "
+        f"embeddings.source='minilm' embeds; give the items CSV, or set "
+        f"--config.embeddings.source=cf (collaborative embeddings, for data without text) or "
+        f"=file with --config.embeddings.file")
+  if config.embeddings.source == "file" and not os.path.isfile(config.embeddings.file):
+    raise ConfigError(f"embeddings.file={config.embeddings.file!r}: file not found, which "
+                      f"embeddings.source='file' reads; give a .npy / .parquet of item vectors")
+  uses_cf = config.tokenizer.cf_weight > 0 or config.method == "continual"
+  if uses_cf and config.sasrec.hidden_dim != config.tokenizer.latent_dim:
+    raise ConfigError(
+        f"sasrec.hidden_dim={config.sasrec.hidden_dim} must equal tokenizer.latent_dim="
+        f"{config.tokenizer.latent_dim}: the collaborative terms compare CF embeddings with "
+        f"latents; set both to the same size")
+  unknown = set(config.continual.methods) - set(CONTINUAL_METHODS)
+  if config.method == "continual" and unknown:
+    raise ConfigError(f"continual.methods has unknown {sorted(unknown)}; choose from "
+                      f"{CONTINUAL_METHODS}")
+
+
 def dataset_paths(config: ml_collections.ConfigDict, name: str) -> None:
   """Points `config.data` at the shared Amazon 2014 dataset `name` (toys, beauty)."""
   config.data.name = name

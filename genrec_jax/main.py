@@ -4,10 +4,14 @@ Any config field can be overridden, e.g. `--config.grm.epochs=5 --config.seed=1`
 with the same workdir resumes from the last checkpoint of the interrupted stage.
 """
 
+import sys
+
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from genrec_jax.config import ConfigError, check_config
+from genrec_jax.data import DataError
 from genrec_jax.logs import setup_logging
 from genrec_jax.pipelines import continual, static
 
@@ -25,10 +29,15 @@ def main(argv):
   if FLAGS.config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", FLAGS.config.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  if FLAGS.config.method == "continual":
-    continual.run(FLAGS.config, FLAGS.workdir)
-  else:
-    static.run(FLAGS.config, FLAGS.workdir)
+  try:
+    check_config(FLAGS.config)
+    if FLAGS.config.method == "continual":
+      continual.run(FLAGS.config, FLAGS.workdir)
+    else:
+      static.run(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DataError) as error:  # a mistake in the input: one line, no traceback
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

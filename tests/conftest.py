@@ -56,7 +56,8 @@ def tiny_config(directory, method="tiger", late_items=0):
   c.embeddings.file = npy_path
   c.sasrec.update(hidden_dim=8, epochs=2, eval_every=1, batch_size=64, max_len=8)
   c.tokenizer.update(hidden_dims=(16,), latent_dim=8, num_levels=2, codebook_size=8,
-                     dedup_size=16, train_length=60, train_unit="steps", batch_size=32, kmeans_iterations=5)
+                     dedup_size=16, train_length=60, train_unit="steps", batch_size=32,
+                     kmeans_iterations=5)
   c.grm.update(d_model=16, d_ff=32, num_heads=2, d_kv=8, num_encoder_layers=1,
                num_decoder_layers=1, learning_rate=1e-2, warmup_steps=5, batch_size=64,
                eval_batch_size=64, beam_size=20, length_buckets=(8,), epochs=8,

@@ -181,3 +181,27 @@ def test_a_new_period_must_start_after_the_data(tmp_path):
   assert both.item_ids[:-1].tolist() == inter.item_ids.tolist()
   assert both.item_ids[-1] == "new_item" and both.user_ids[-1] == "new_user"
   assert both.num_interactions == inter.num_interactions + 2
+
+
+def test_data_without_item_text_runs_on_cf_embeddings(tmp_path):
+  """embeddings.source='cf' (no item text, TIGER-SAS): the period-0 CF embeddings are the
+  tokenizer input, and an item new in period t takes its period-t CF embedding."""
+  from genrec_jax.config import check_config
+  config = tiny_config(str(tmp_path), method="continual", late_items=8)
+  config.embeddings.update(source="cf", file="")
+  config.data.items_csv = ""
+  config.continual.methods = ("reformer", "dact")
+  config.continual.fractions = (0.6, 0.8)
+  check_config(config)
+  run = continual.ContinualRun(config, str(tmp_path / "run"))
+  results = run.run()
+  np.testing.assert_array_equal(run.features[run.periods[0].catalog],
+                                run.cf[0][run.periods[0].catalog])
+  late = [t for t in (1, 2) if len(run.periods[t].new_items)]
+  assert late
+  for t in late:
+    new = run.periods[t].new_items
+    np.testing.assert_array_equal(run.features[new], run.cf[t][new])
+    assert not np.allclose(run.cf[0][new], run.cf[t][new])  # period-0 rows: untrained init
+  for name in ("reformer", "dact"):
+    assert [r["period"] for r in results["methods"][name]["periods"]] == [1, 2]

@@ -5,8 +5,8 @@ All interactions are ordered by time and cut at UTC day boundaries into periods 
 every period, D_0 included: each user's last interaction in D_t is a test target, the
 second-last a validation target and the rest are training targets. As in the official DACT
 split, a test target is kept only when its history holds at least `min_test_history` = 2 items
-(the user has >= 3 interactions up to the end of D_t); validation targets have no such rule. A user's first-ever
-interaction has no history and is never a target. Histories reach back over the user's whole
+(the user has >= 3 interactions up to the end of D_t); validation targets have no such rule.
+A user's first-ever interaction has no history and is never a target. Histories reach back over the user's whole
 past, across earlier periods, so a validation or test interaction of period t is seen later only
 as history. For users with >= 3 interactions in D_0 this is leave-one-out inside D_0.
 """

@@ -6,7 +6,8 @@ T5 recommender; each later period t adapts them with a method's three rules and 
 its test targets with its own identifier table.
 
 A method is a triple of rules (`METHOD_RULES`):
-  tokenizer   frozen | naive (fine-tune on period t) | dact (CDIM, differentiated update)
+  tokenizer   frozen | naive (fine-tune on period t) | dact (CDIM, differentiated update) |
+              reformer (fine-tune on period t with old items held at their identifiers' codes)
   identifiers keep (old identifiers fixed, new items encoded) | reencode (all items anew) |
               reformer (old fixed, new items from the updated tokenizer) |
               hierarchical (DACT's relaxed-to-strict reassignment)
@@ -48,13 +49,13 @@ from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sharding import make_mesh
 from genrec_jax.training.tokenizer import encode_items, train_tokenizer
 
-METHOD_RULES = {
+METHOD_RULES = {  # keys: config.CONTINUAL_METHODS
     "frozen": ("frozen", "keep", "frozen"),
     "ft_tok": ("naive", "reencode", "frozen"),
     "ft_grm": ("frozen", "keep", "finetune"),
     "ft_both": ("naive", "reencode", "finetune"),
     "ft_tok_rt_grm": ("naive", "reencode", "retrain"),
-    "reformer": ("naive", "reformer", "finetune"),
+    "reformer": ("reformer", "reformer", "finetune"),
     "dact": ("dact", "hierarchical", "finetune"),
 }
 
@@ -116,12 +117,36 @@ class ContinualRun:
   def encode(self, tokenizer: RQVAE, t: int) -> np.ndarray:
     return encode_items(tokenizer, self.catalog_features(t)[1])
 
+  def tokenizer_inputs(self) -> np.ndarray:
+    """Tokenizer input vector of every item [num_items, D] (`embeddings.source`).
+
+    "minilm": item text (cached per data file, so appending periods is cheap); "file": the
+    user's vectors (one row per item in sorted raw-id order, appended items included); "cf"
+    (data without item text, TIGER-SAS): the period-0 CF embeddings, and for an item new in
+    period t its period-t CF embedding (an item's vector is fixed once it has appeared).
+    """
+    source = self.config.embeddings.source
+    if source == "minilm":
+      return np.concatenate([item_features(self.config, ids, None)
+                             for ids in self.item_chunks])
+    if source == "cf":
+      features = self.cf[0].copy()
+      for t in range(1, len(self.periods)):
+        new = self.periods[t].new_items
+        features[new] = self.cf[t][new]
+      return features
+    vectors = item_features(self.config, self.inter.item_ids, None)
+    return vectors[np.argsort(np.argsort(self.inter.item_ids, kind="stable"))]
+
   # ------------------------------------------------------------------------------ stages
   def train_cf_chain(self) -> None:
     """SASRec (32-d) trained on D0, then fine-tuned on every D_t; cf[t] = its item table.
 
-    The item table covers every item of the original data from period 0 on; an appended
-    period's new items get fresh rows (`SASRecTrainer.grow_item_table`) before fine-tuning.
+    The item table covers every item of the original data from period 0 on, but only the
+    items seen up to period t take part in period t's softmax and ranking (`known_items`),
+    and the rows of the items new in period t are freshly initialised before fine-tuning
+    (METHODS.md section 4); an appended period's new items get new rows
+    (`SASRecTrainer.grow_item_table`).
     """
     trainer, params = None, None
     for t, period in enumerate(self.periods):
@@ -132,10 +157,14 @@ class ContinualRun:
       loop_cfg = None if t == 0 else LoopConfig(
           epochs=self.config.continual.cf_finetune_epochs, eval_every=1, patience=2,
           seed=self.config.seed)
+      if t > 0:
+        params = trainer.reset_item_rows(params, period.new_items, self.config.seed + t)
+      known = np.zeros(self.cf_rows[t], bool)
+      known[period.catalog] = True
       start = time.time()
       params, _ = trainer.train(period.cf_windows, period.valid,
                                 self.ckpt_dir("cf", f"period_{t}"), params=params,
-                                loop_cfg=loop_cfg)
+                                loop_cfg=loop_cfg, known_items=known)
       table = trainer.item_embeddings(params)  # [cf_rows[t], d], padded to every item
       self.cf.append(np.pad(table, ((0, self.num_items - table.shape[0]), (0, 0))))
       logging.info("[cf] period %d: %.1fs", t, time.time() - start)
@@ -166,9 +195,10 @@ class ContinualRun:
         state = (model, None)
       else:
         previous, cdim = self.tokenizer_state(key[0], key[1] - 1)
+        fixed_codes = (self.held_codes(key[1]) if key[0] == "reformer" else None)
         model, cdim, _ = finetune_tokenizer(
-            previous, features, cf, self.dact_cfg, "dact" if key[0] == "dact" else "naive",
-            cdim=cdim, seed=self.config.seed + key[1])
+            previous, features, cf, self.dact_cfg, key[0], cdim=cdim,
+            seed=self.config.seed + key[1], fixed_codes=fixed_codes)
         state = (model, cdim)
       seconds = time.time() - start
       ckpt.save(0, {"tokenizer": nnx.state(state[0]),
@@ -178,6 +208,16 @@ class ContinualRun:
     self.tokenizers[key] = state
     self.tokenizer_seconds[key] = seconds
     return state
+
+  def held_codes(self, t: int) -> np.ndarray:
+    """Reformer at period t: the L codes each catalog item keeps from the period t-1 Reformer
+    table, -1 rows for items new in period t -> int [C_t, L]."""
+    previous = self.identifier_table("reformer", "reformer", t - 1)
+    catalog = self.periods[t].catalog
+    codes = np.full((len(catalog), self.t.num_levels), -1, np.int32)
+    rows = np.searchsorted(catalog, previous.item)  # catalogs are sorted and only grow
+    codes[rows] = previous.codes[:, :-1]
+    return codes
 
   def identifier_table(self, tok_rule: str, id_rule: str, t: int) -> IdentifierTable:
     """Identifier table of period t under a (tokenizer rule, identifier rule) chain."""
@@ -261,15 +301,10 @@ class ContinualRun:
     results = {"dataset": {"name": self.config.data.name, **self.inter.stats()},
                "method": "continual", "periods": summary, "config": self.config.to_dict(),
                "methods": {}, "timing": {}}
-    if self.config.embeddings.source == "minilm":  # cached per data file: appending is cheap
-      self.features = np.concatenate([item_features(self.config, ids, None)
-                                      for ids in self.item_chunks])
-    else:  # a user file: one row per item in sorted raw-id order, appended items included
-      vectors = item_features(self.config, self.inter.item_ids, None)
-      self.features = vectors[np.argsort(np.argsort(self.inter.item_ids, kind="stable"))]
     start = time.time()
     self.train_cf_chain()
     results["timing"]["cf"] = time.time() - start
+    self.features = self.tokenizer_inputs()
 
     base_table = self.identifier_table("frozen", "keep", 0)
     self.grm = grm_trainer(self.config, base_table.vocab_size, self.mesh)

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from genrec_jax.config import ConfigError
 from genrec_jax.data import leave_one_out, load_interactions
 from genrec_jax.data.interactions import Interactions, index_interactions, k_core_filter
 from genrec_jax.data.splits import subsample, training_windows
@@ -74,7 +75,8 @@ def grm_trainer(config, vocab_size: int, mesh) -> GRMTrainer:
                        num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate)
   train_cfg = GRMTrainConfig(
       learning_rate=g.learning_rate, weight_decay=g.weight_decay, warmup_steps=g.warmup_steps,
-      grad_clip=g.grad_clip, loss_reduction=g.loss_reduction, batch_size=g.batch_size, eval_batch_size=g.eval_batch_size,
+      grad_clip=g.grad_clip, loss_reduction=g.loss_reduction, batch_size=g.batch_size,
+      eval_batch_size=g.eval_batch_size,
       beam_size=g.beam_size, constrained=g.constrained, length_buckets=tuple(g.length_buckets),
       loop=LoopConfig(epochs=g.epochs, eval_every=g.eval_every, patience=g.patience,
                       select_metric=g.select_metric, seed=config.seed,
@@ -251,7 +253,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
   with open(path) as f:
     diffs = _differences(json.load(f), current)
   if diffs:
-    raise ValueError(f"{workdir} holds a run made with another config ({'; '.join(diffs[:5])});"
+    raise ConfigError(f"{workdir} holds a run made with another config ({'; '.join(diffs[:5])});"
                      " use a new --workdir, or the stored config")
 
 

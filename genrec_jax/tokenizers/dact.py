@@ -63,7 +63,7 @@ from flax import nnx
 from genrec_jax.tokenizers.quantizer import squared_distances, squared_error
 from genrec_jax.tokenizers.rqvae import RQVAE, info_nce
 
-MODES = ("naive", "dact")
+MODES = ("naive", "dact", "reformer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,13 +185,15 @@ def select_drifting(confidence: jax.Array, rho: float) -> tuple[jax.Array, jax.A
 
 
 def _tokenizer_objective(tokenizer: RQVAE, x: jax.Array, latent: jax.Array, cf: jax.Array,
-                         cf_weight: float) -> dict[str, jax.Array]:
-  """Reconstruction, RQ and collaborative losses of items x [B, D] quantized from latent [B, d].
+                         cf_weight: float, forced_codes: jax.Array | None = None
+                         ) -> dict[str, jax.Array]:
+  """Reconstruction, RQ and collaborative losses of items x [B, D] quantized from latent [B, d]
+  (rows of forced_codes [B, L] that are >= 0 quantize to those codes instead of the nearest).
 
   Returns scalars "recon", "quant", "cf" and "objective" = recon + quant + cf_weight * cf.
   """
   cfg = tokenizer.cfg
-  quant = tokenizer.quantizer(latent)
+  quant = tokenizer.quantizer(latent, forced_codes=forced_codes)
   parts = {"recon": squared_error(x, tokenizer.decoder(quant.quantized), cfg.loss_reduction),
            "quant": quant.loss}
   parts["cf"] = (info_nce(quant.quantized, cf, cfg.cf_temperature, cfg.cf_similarity)
@@ -259,17 +261,20 @@ def dact_loss(tokenizer: RQVAE, cdim: CDIM, x: jax.Array, cf: jax.Array, old_lat
   return total, parts
 
 
-def naive_finetune_loss(tokenizer: RQVAE, x: jax.Array, cf: jax.Array | None, cfg: DACTConfig
+def naive_finetune_loss(tokenizer: RQVAE, x: jax.Array, cf: jax.Array | None, cfg: DACTConfig,
+                        fixed_codes: jax.Array | None = None
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Plain tokenizer loss recon + RQ + alpha InfoNCE(q, cf) of naive fine-tuning and Reformer.
 
   Equals `rqvae_losses` of a tokenizer without diversity loss whose cf_weight is
   `cfg.cf_weight`; alpha is taken from `cfg` so that naive and DACT fine-tuning share it.
-  x: [B, D_in]; cf: [B, d] (may be None when cfg.cf_weight is 0).
+  x: [B, D_in]; cf: [B, d] (may be None when cfg.cf_weight is 0); fixed_codes: int [B, L],
+  the held assignments of old items (Reformer), -1 for items quantized freely.
   """
   latent = tokenizer.encoder(x)
   parts = _tokenizer_objective(tokenizer, x, latent,
-                               cf if cf is not None else jnp.zeros_like(latent), cfg.cf_weight)
+                               cf if cf is not None else jnp.zeros_like(latent), cfg.cf_weight,
+                               fixed_codes)
   parts["total"] = parts.pop("objective")
   return parts["total"], parts
 
@@ -319,7 +324,8 @@ def _optimizer(cfg: DACTConfig) -> optax.GradientTransformation:
 
 
 def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | None,
-                       cfg: DACTConfig, mode: str, cdim: CDIM | None = None, seed: int = 0
+                       cfg: DACTConfig, mode: str, cdim: CDIM | None = None, seed: int = 0,
+                       fixed_codes: np.ndarray | None = None
                        ) -> tuple[RQVAE, CDIM | None, dict]:
   """Fine-tunes the period t-1 tokenizer on the N items of period t.
 
@@ -333,10 +339,13 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
     cf: [N, d] period-t CF embeddings, d = the tokenizer's latent size (None only in "naive"
       mode with cfg.cf_weight == 0).
     cfg: hyperparameters.
-    mode: "naive" (plain tokenizer loss, naive FT and Reformer) or "dact" (`dact_loss`).
+    mode: "naive" (plain tokenizer loss), "reformer" (the same loss with the old items held
+      at their identifiers' codes, `fixed_codes`) or "dact" (`dact_loss`).
     cdim: the period t-1 CDIM to warm-start from (t > 1); None creates a fresh one (t = 1).
-      Ignored and returned unchanged in "naive" mode.
+      Ignored and returned unchanged in the other modes.
     seed: seeds the fresh CDIM and the batch order.
+    fixed_codes: "reformer" only: int [N, L], the codes each old item keeps (its identifier
+      without the dedup digit), -1 rows for items new in period t.
 
   Returns:
     (fine-tuned tokenizer, trained CDIM or `cdim` in naive mode, stats) where stats holds
@@ -358,6 +367,14 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
   if cfg.steps < 1:
     raise ValueError(f"steps must be >= 1, got {cfg.steps}")
   cf = np.zeros((n, latent_dim), np.float32) if cf is None else np.asarray(cf, np.float32)
+  levels = tokenizer.cfg.num_levels
+  if mode == "reformer":
+    if fixed_codes is None or np.shape(fixed_codes) != (n, levels):
+      raise ValueError(f"reformer fine-tuning needs fixed_codes of shape [{n}, {levels}], got "
+                       f"{None if fixed_codes is None else np.shape(fixed_codes)}")
+    fixed_codes = np.asarray(fixed_codes, np.int32)
+  else:
+    fixed_codes = np.full((n, levels), -1, np.int32)
   if mode == "dact":
     if cdim is None:
       cdim = CDIM.from_config(latent_dim, cfg, rngs=nnx.Rngs(seed))
@@ -372,18 +389,18 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
   graphdef, params = nnx.split(modules)
   optimizer = _optimizer(cfg)
   opt_state = optimizer.init(params)
-  data = tuple(jnp.asarray(a) for a in (features, cf, old_latent, teacher))
+  data = tuple(jnp.asarray(a) for a in (features, cf, old_latent, teacher, fixed_codes))
   batch = min(cfg.batch_size, n)
 
   @jax.jit
   def step(params, opt_state, data, idx):
-    x, c, o, p_old = (a[idx] for a in data)
+    x, c, o, p_old, fixed = (a[idx] for a in data)
 
     def loss_fn(p):
       merged = nnx.merge(graphdef, p)
       if mode == "dact":
         return dact_loss(merged[0], merged[1], x, c, o, p_old, cfg)
-      return naive_finetune_loss(merged[0], x, c, cfg)
+      return naive_finetune_loss(merged[0], x, c, cfg, fixed)
 
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)

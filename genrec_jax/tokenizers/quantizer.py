@@ -124,15 +124,22 @@ class ResidualQuantizer(nnx.Module):
 
   def __call__(self, x: jax.Array, *, temperature: float = 1.0, soft: bool = False,
                sinkhorn_epsilons: tuple[float, ...] | None = None,
-               sinkhorn_iterations: int = 50) -> QuantizerOutput:
+               sinkhorn_iterations: int = 50, forced_codes: jax.Array | None = None
+               ) -> QuantizerOutput:
     """Quantizes x: [B, d].
 
     `soft` uses p_l E_l instead of the hard codeword (UniGRec). `sinkhorn_epsilons` (one value
     per level, 0 = argmin) makes the levels with epsilon > 0 pick codes by balanced Sinkhorn
     assignment over the batch (a training-time regulariser against codebook collapse).
+    `forced_codes` (int [B, L], -1 = free) holds rows to given codes instead of the nearest
+    codewords (fine-tuning that keeps old items' assignments fixed, Reformer); the losses then
+    pull those codewords and latents together.
     """
     if x.ndim != 2 or x.shape[-1] != self.dim:
       raise ValueError(f"ResidualQuantizer expects [batch, {self.dim}], got {x.shape}")
+    if forced_codes is not None and forced_codes.shape != (x.shape[0], self.num_levels):
+      raise ValueError(f"forced_codes must be [{x.shape[0]}, {self.num_levels}], got "
+                       f"{forced_codes.shape}")
     if sinkhorn_epsilons is not None and len(sinkhorn_epsilons) != self.num_levels:
       raise ValueError(f"sinkhorn_epsilons needs one value per level ({self.num_levels}), got "
                        f"{sinkhorn_epsilons}")
@@ -145,6 +152,8 @@ class ResidualQuantizer(nnx.Module):
       epsilon = sinkhorn_epsilons[level] if sinkhorn_epsilons else 0.0
       code = (sinkhorn_codes(dist, epsilon, sinkhorn_iterations) if epsilon > 0
               else jnp.argmin(dist, axis=-1))
+      if forced_codes is not None:
+        code = jnp.where(forced_codes[:, level] >= 0, forced_codes[:, level], code)
       logp = jax.nn.log_softmax(-dist / temperature, axis=-1)
       if soft:
         chosen = jnp.exp(logp) @ codebook

@@ -10,8 +10,9 @@ catalog[j] in row j, from whichever tokenizer the caller chose; tables carry L c
 dedup digit, and `prev_table` must hold one identifier per item.
 
 Rules:
-- `keep_and_extend`: old identifiers frozen, new items get new codes (frozen tokenizer,
-  Reformer).
+- `keep_and_extend`: old identifiers frozen, new items get new codes (frozen tokenizer;
+  Reformer, whose tokenizer was fine-tuned with the old items held at their codes,
+  `tokenizers.dact.finetune_tokenizer(mode="reformer")`).
 - `reencode_all`: every item re-encoded, dedup digits recomputed (naive fine-tuning).
 - `hierarchical_reassign`: DACT's relaxed-to-strict rule.
 """

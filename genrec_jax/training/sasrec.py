@@ -4,6 +4,11 @@ Each user's training sequence is one example; every position predicts the next i
 full-softmax cross-entropy over the catalog ("ce", the strong baseline) or a binary
 cross-entropy against one sampled negative ("bce", the original SASRec / LETTER recipe).
 Evaluation ranks the full catalog with the last position's hidden state.
+
+In the continual protocol the catalog grows: `known_items` (bool [num_items]) restricts the
+softmax, the sampled negatives and the ranking to the items seen so far, so an item of a later
+period is never a negative before it exists; `reset_item_rows` gives the items new in a period
+freshly initialised rows (METHODS.md section 4).
 """
 
 from __future__ import annotations
@@ -76,7 +81,17 @@ class SASRecTrainer:
     self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
     self._top_items = jax.jit(self._top, static_argnames=("k",))
 
-  def _loss(self, params, batch, key):
+  def _known(self, known_items: np.ndarray | None) -> jax.Array:
+    """Replicated bool [num_items] mask of the items that exist (default: all)."""
+    if known_items is None:
+      known_items = np.ones(self.model_cfg.num_items, bool)
+    known_items = np.asarray(known_items, bool)
+    if known_items.shape != (self.model_cfg.num_items,) or not known_items.any():
+      raise ValueError(f"known_items must be a non-empty bool mask of shape "
+                       f"[{self.model_cfg.num_items}], got {known_items.shape}")
+    return replicate(jnp.asarray(known_items), self.mesh)
+
+  def _loss(self, params, batch, key, known):
     model = nnx.merge(self.graphdef, params)
     drop_key, neg_key = jax.random.split(key)
     hidden = model(batch["seq"], drop_key)
@@ -84,30 +99,37 @@ class SASRecTrainer:
     valid = targets >= 0
     safe = jnp.maximum(targets, 0)
     if self.cfg.loss == "ce":
-      nll = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden), safe)
+      logits = jnp.where(known, model.logits(hidden), -jnp.inf)  # unknown items: no mass
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
     else:
       table = model.item_embeddings()
-      negatives = jax.random.randint(neg_key, targets.shape, 0, self.model_cfg.num_items)
+      known_ids = jnp.nonzero(known, size=known.shape[0])[0]  # known items first
+      negatives = known_ids[jax.random.randint(neg_key, targets.shape, 0, known.sum())]
       pos = jnp.sum(hidden * table[safe], -1)
       neg = jnp.sum(hidden * table[negatives], -1)
       nll = -jax.nn.log_sigmoid(pos) - jax.nn.log_sigmoid(-neg)
-    return jnp.sum(nll * valid) / jnp.maximum(valid.sum(), 1)
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
 
-  def _step(self, params, opt_state, batch, key):
-    loss, grads = jax.value_and_grad(self._loss)(params, batch, key)
+  def _step(self, params, opt_state, batch, key, known):
+    loss, grads = jax.value_and_grad(self._loss)(params, batch, key, known)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  def _top(self, params, seq, *, k):
+  def _top(self, params, seq, known, *, k):
     model = nnx.merge(self.graphdef, params)
-    return jax.lax.top_k(model.logits(model(seq)[:, -1]), k)[1]
+    return jax.lax.top_k(jnp.where(known, model.logits(model(seq)[:, -1]), -jnp.inf), k)[1]
 
   def train(self, windows: SampleSet, valid: SampleSet, checkpoint_dir: str, params=None,
-            loop_cfg: loop.LoopConfig | None = None):
-    """Trains from `params` (default fresh) on windows; returns (best params, loop state)."""
+            loop_cfg: loop.LoopConfig | None = None, known_items: np.ndarray | None = None):
+    """Trains from `params` (default fresh) on windows; returns (best params, loop state).
+
+    known_items: bool [num_items], the items that exist now (default all): the others are
+    left out of the softmax, the negatives and the validation ranking.
+    """
     loop_cfg = loop_cfg or self.cfg.loop
     params = self.init_params if params is None else params
     opt_state = replicate(self.optimizer.init(params), self.mesh)
+    known = self._known(known_items)
 
     def epoch_batches(epoch):
       for batch, idx in _batches(windows, self.cfg.batch_size, self.cfg.length_buckets,
@@ -115,9 +137,20 @@ class SASRecTrainer:
         yield shard_batch(batch, self.mesh), int((idx >= 0).sum())
 
     return loop.fit(name="sasrec", params=params, opt_state=opt_state,
-                    train_step=self._train_step, epoch_batches=epoch_batches,
-                    evaluate=lambda p: self.evaluate(p, valid), cfg=loop_cfg,
+                    train_step=lambda p, o, b, k: self._train_step(p, o, b, k, known),
+                    epoch_batches=epoch_batches,
+                    evaluate=lambda p: self.evaluate(p, valid, known_items), cfg=loop_cfg,
                     checkpoint_dir=checkpoint_dir, mesh=self.mesh)
+
+  def reset_item_rows(self, params, items: np.ndarray, seed: int):
+    """`params` with the embedding rows of `items` (int [M]) set to a fresh initialisation
+    (drawn from `seed`): items that appear for the first time start untrained."""
+    _, fresh = nnx.split(SASRec(self.model_cfg, rngs=nnx.Rngs(seed)))
+    rows = jnp.asarray(items, jnp.int32) + 1  # row 0 is padding
+    params = jax.tree.map(lambda leaf: leaf, params)  # new containers: the caller's stay as is
+    table = params["item_embed"]["embedding"]
+    table[...] = table[...].at[rows].set(fresh["item_embed"]["embedding"][...][rows])
+    return params
 
   def grow_item_table(self, params):
     """Parameters of a SASRec with fewer items, extended to this trainer's item count: the old
@@ -131,16 +164,21 @@ class SASRecTrainer:
       return fresh.at[:old.shape[0]].set(old)
     return jax.tree.map(grow, params, self.init_params)
 
-  def rank(self, params, samples: SampleSet, k: int = 20) -> np.ndarray:
-    """Top-k item indices int32 [S, k] over the full catalog for each sample's history."""
+  def rank(self, params, samples: SampleSet, k: int = 20,
+           known_items: np.ndarray | None = None) -> np.ndarray:
+    """Top-k item indices int32 [S, k] over the catalog (the known items, default all) for
+    each sample's history."""
+    known = self._known(known_items)
     out = np.zeros((len(samples), k), np.int32)
     for batch, idx in _batches(samples, self.cfg.eval_batch_size, self.cfg.length_buckets):
-      top = self._top_items(params, shard_batch(batch, self.mesh)["seq"], k=k)
+      top = self._top_items(params, shard_batch(batch, self.mesh)["seq"], known, k=k)
       out[idx[idx >= 0]] = np.asarray(jax.device_get(top))[idx >= 0]
     return out
 
-  def evaluate(self, params, samples: SampleSet) -> dict[str, float]:
-    return metrics_from_ranks(target_ranks(self.rank(params, samples), samples.target))
+  def evaluate(self, params, samples: SampleSet, known_items: np.ndarray | None = None
+               ) -> dict[str, float]:
+    ranked = self.rank(params, samples, known_items=known_items)
+    return metrics_from_ranks(target_ranks(ranked, samples.target))
 
   def item_embeddings(self, params) -> np.ndarray:
     """CF embeddings [num_items, hidden_dim] of trained parameters."""

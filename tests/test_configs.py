@@ -1,0 +1,71 @@
+"""Shipped configs: presets bounded by work, per-method defaults, one-line config errors."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genrec_jax.config import CONTINUAL_METHODS, ConfigError, base_config, check_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+def _load(path: Path, preset: str):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
+  for preset in ("", "cpu"):
+    config = _load(path, preset)
+    check_config(config)
+    # the same command and seed give the same numbers on a busy or an idle machine
+    assert config.grm.max_train_minutes == 0 and config.continual.retrain_max_minutes == 0
+  paper = _load(path, "")
+  method = paper.method
+  if method == "tiger":  # TIGER paper: 20k epochs, squared norms
+    assert (paper.tokenizer.train_unit, paper.tokenizer.loss_reduction) == ("epochs", "sum")
+  if method == "letter":  # LETTER code: mean losses, lowest-collision checkpoint
+    assert (paper.tokenizer.loss_reduction, paper.tokenizer.selection) == ("mean",
+                                                                            "min_collision")
+  if method == "continual":  # DACT paper: 20k steps; DACT code: mean losses
+    assert (paper.tokenizer.train_unit, paper.tokenizer.loss_reduction) == ("steps", "mean")
+  assert (paper.grm.warmup_steps, paper.grm.grad_clip, paper.grm.loss_reduction) == (0, 0.0,
+                                                                                     "mean")
+
+
+def test_every_continual_method_has_rules():
+  from genrec_jax.pipelines.continual import METHOD_RULES
+  assert tuple(METHOD_RULES) == CONTINUAL_METHODS
+
+
+def test_config_mistakes_name_the_field(tmp_path, shared_dir):
+  config = _load(CONFIGS[0].parent / "dact_toys.py", "cpu")
+  config.sasrec.hidden_dim = 64
+  with pytest.raises(ConfigError, match=r"sasrec.hidden_dim=64 must equal tokenizer.latent"):
+    check_config(config)
+  config = base_config()
+  config.tokenizer.train_unit = "minutes"
+  with pytest.raises(ConfigError, match=r"tokenizer.train_unit='minutes' is not one of"):
+    check_config(config)
+  config = base_config()
+  config.grm.epochs = 0
+  with pytest.raises(ConfigError, match=r"grm.epochs=0 must be a positive number"):
+    check_config(config)
+
+
+def test_missing_item_text_is_one_line_naming_the_fix(tmp_path, shared_dir):
+  result = subprocess.run(
+      [sys.executable, "-m", "genrec_jax.main", "--config=configs/dact_toys.py:cpu",
+       "--config.data.items_csv=", f"--workdir={tmp_path / 'run'}"],
+      capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+  assert result.returncode == 2
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in result.stderr
+  assert "data.items_csv" in lines[0] and "embeddings.source=cf" in lines[0]
+  assert not (tmp_path / "run").exists()  # nothing half-written
