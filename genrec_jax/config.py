@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grm.length_buckets = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)  # History-length buckets (items):
   #   a batch is padded to its bucket, so compute follows the real history lengths; each
   #   bucket is one more compiled shape (cached on disk, see compilation_cache_dir).
+  c.grm.batch_grouping = "length"  # Training batches "length" (one history-length bucket each)
+  #   | "random" (uniformly random, as the reference code, each padded to its longest bucket).
   c.grm.epochs = 200  # Epoch budget.
   c.grm.eval_every = 1  # Epochs between validation evaluations (beam search).
   c.grm.patience = 15  # Evaluations without improvement before early stopping.
@@ -165,6 +167,7 @@ CHOICES = {
     "tokenizer.selection": ("last", "min_collision"),
     "tokenizer.cf_similarity": ("cosine", "dot"),
     "grm.loss_reduction": ("mean", "sum"),
+    "grm.batch_grouping": ("length", "random"),
 }
 POSITIVE = ("data.max_history", "sasrec.hidden_dim", "sasrec.epochs", "sasrec.batch_size",
             "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",

@@ -278,3 +278,25 @@ def test_tfds_path_with_the_shipped_configs(tmp_path, config_name):
     for field in ("user", "item", "timestamp", "user_ids", "item_ids"):
         np.testing.assert_array_equal(getattr(through_tfds, field), getattr(direct, field))
     assert load_dataset(config, str(tmp_path)).num_interactions == direct.num_interactions
+
+
+@pytest.mark.parametrize("grouping", ["length", "random"])
+def test_batches_cover_every_sample_once_and_fit_their_bucket(grouping):
+    from genrec_jax.data.batching import bucketed_batches
+    lengths = np.random.default_rng(0).integers(1, 21, 1000)
+    buckets = (4, 8, 20)
+    batches = bucketed_batches(lengths, 64, buckets, seed=3, epoch=1, grouping=grouping)
+    seen = np.concatenate([idx[idx >= 0] for _, idx in batches])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(1000))
+    homogeneous = []
+    for slots, idx in batches:
+        assert len(idx) == 64
+        real = lengths[idx[idx >= 0]]
+        smallest = min(b for b in buckets if b >= real.max())
+        assert slots == smallest  # padded only to the bucket of the longest history
+        homogeneous.append(len({min(b for b in buckets if b >= n) for n in real}) == 1)
+    assert all(homogeneous) == (grouping == "length")
+    again = bucketed_batches(lengths, 64, buckets, seed=3, epoch=1, grouping=grouping)
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(batches, again))
+    with pytest.raises(ValueError, match="grouping"):
+        bucketed_batches(lengths, 64, buckets, seed=3, grouping="sorted")

@@ -5,11 +5,17 @@ mostly padding. Samples are grouped into buckets by history length and each batc
 last `bucket` slots, so compute scales with real tokens while the number of compiled shapes stays
 small (one per bucket). Every batch has exactly `batch_size` rows: a bucket's last batch is
 completed with index -1 (weight 0), so jit never sees a new shape.
+
+Grouping by length makes every training batch length-homogeneous, where the reference code
+draws uniformly random batches; `grouping="random"` draws those (a random permutation cut
+into batches) and pads each batch to the bucket of its longest history.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+GROUPINGS = ("length", "random")
 
 
 def bucket_of(lengths: np.ndarray, boundaries: tuple[int, ...]) -> np.ndarray:
@@ -22,9 +28,9 @@ def bucket_of(lengths: np.ndarray, boundaries: tuple[int, ...]) -> np.ndarray:
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, boundaries: tuple[int, ...], *,
-                     seed: int | None = None, epoch: int = 0
+                     seed: int | None = None, epoch: int = 0, grouping: str = "length"
                      ) -> list[tuple[int, np.ndarray]]:
-  """Splits samples into fixed-size batches of one bucket each.
+  """Splits samples into fixed-size batches, each padded to one bucket.
 
   Args:
     lengths: int [S] real history lengths.
@@ -34,13 +40,24 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, boundaries: tuple[int
       a generator seeded by (seed, epoch), so an epoch's order does not depend on earlier epochs
       (a resumed run sees the same batches).
     epoch: epoch number mixed into the shuffle seed.
+    grouping: "length" (batches of one bucket each) or "random" (uniformly random batches,
+      each padded to the bucket of its longest history; needs a seed).
 
   Returns:
     List of (bucket_slots, indices int64 [batch_size]) with -1 marking filler rows.
   """
+  if grouping not in GROUPINGS:
+    raise ValueError(f"batch grouping must be one of {GROUPINGS}, got {grouping!r}")
   boundaries = tuple(sorted(boundaries))
   which = bucket_of(lengths, boundaries)
   rng = None if seed is None else np.random.default_rng([seed, epoch])
+  if grouping == "random":
+    if rng is None:
+      raise ValueError("random batch grouping needs a seed")
+    order = rng.permutation(len(which))
+    return [(boundaries[which[chunk].max()],
+             np.pad(chunk, (0, batch_size - len(chunk)), constant_values=-1))
+            for chunk in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
   batches = []
   for b, slots in enumerate(boundaries):
     idx = np.flatnonzero(which == b)

@@ -75,7 +75,8 @@ def grm_trainer(config, vocab_size: int, mesh) -> GRMTrainer:
                        num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate)
   train_cfg = GRMTrainConfig(
       learning_rate=g.learning_rate, weight_decay=g.weight_decay, warmup_steps=g.warmup_steps,
-      grad_clip=g.grad_clip, loss_reduction=g.loss_reduction, batch_size=g.batch_size,
+      grad_clip=g.grad_clip, loss_reduction=g.loss_reduction,
+      batch_grouping=g.batch_grouping, batch_size=g.batch_size,
       eval_batch_size=g.eval_batch_size,
       beam_size=g.beam_size, constrained=g.constrained, length_buckets=tuple(g.length_buckets),
       loop=LoopConfig(epochs=g.epochs, eval_every=g.eval_every, patience=g.patience,

@@ -42,6 +42,7 @@ class GRMTrainConfig:
   warmup_steps: int = 0
   grad_clip: float = 0.0
   loss_reduction: str = "mean"
+  batch_grouping: str = "length"
   batch_size: int = 256
   eval_batch_size: int = 256
   beam_size: int = 20
@@ -57,11 +58,12 @@ def history_tokens(history: np.ndarray, item_tokens: np.ndarray) -> np.ndarray:
 
 
 def sample_batches(samples: SampleSet, item_tokens: np.ndarray, batch_size: int,
-                   buckets: tuple[int, ...], *, seed: int | None = None, epoch: int = 0):
+                   buckets: tuple[int, ...], *, seed: int | None = None, epoch: int = 0,
+                   grouping: str = "length"):
   """Yields (numpy batch, indices) with `inputs` [B, slots * D], `targets` [B, D], `weight` [B]."""
   depth = item_tokens.shape[1]
   for slots, idx in bucketed_batches(samples.lengths, batch_size, buckets, seed=seed,
-                                     epoch=epoch):
+                                     epoch=epoch, grouping=grouping):
     safe = np.maximum(idx, 0)
     history = samples.history[safe][:, samples.history.shape[1] - slots:]
     batch = {"inputs": history_tokens(history, item_tokens),
@@ -146,7 +148,8 @@ class GRMTrainer:
 
     def epoch_batches(epoch):
       for batch, idx in sample_batches(train, item_tokens, self.cfg.batch_size,
-                                       self.cfg.length_buckets, seed=loop_cfg.seed, epoch=epoch):
+                                       self.cfg.length_buckets, seed=loop_cfg.seed, epoch=epoch,
+                                       grouping=self.cfg.batch_grouping):
         yield shard_batch(batch, self.mesh), int((idx >= 0).sum())
 
     return loop.fit(name="grm", params=params, opt_state=opt_state, train_step=self._train_step,
