@@ -120,3 +120,33 @@ def test_same_training_on_one_and_eight_devices(tmp_path):
   eight = _run_with_devices(tmp_path, 8)
   assert one["devices"] == 1 and eight["devices"] == 8
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-4)
+
+
+def test_train_step_compiles_once_per_length_bucket(tmp_path):
+  """Every batch has one of len(buckets) shapes, so the jitted step traces at most that many
+  times over several epochs (a retrace would recompile on every accelerator)."""
+  import chex
+  import jax
+  from genrec_jax.data.splits import SampleSet
+  from genrec_jax.recommenders.t5 import T5Config
+  from genrec_jax.tokenizers.identifiers import assign_dedup, one_to_one_table
+  from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer
+  from genrec_jax.training.loop import LoopConfig
+  from genrec_jax.training.sharding import make_mesh
+  rng = np.random.default_rng(0)
+  num_items, buckets = 30, (2, 4)
+  table = one_to_one_table(assign_dedup(rng.integers(0, 4, (num_items, 2)), 8), 4, 8)
+  lengths = rng.integers(1, 5, 200)
+  history = np.where(np.arange(4)[None, :] >= 4 - lengths[:, None],
+                     rng.integers(0, num_items, (200, 4)), -1).astype(np.int32)
+  samples = SampleSet(history=history, target=rng.integers(0, num_items, 200).astype(np.int32),
+                      user=np.arange(200, dtype=np.int32))
+  trainer = GRMTrainer(T5Config(vocab_size=table.vocab_size, d_model=16, d_ff=32, num_heads=2,
+                                d_kv=8, num_encoder_layers=1, num_decoder_layers=1),
+                       GRMTrainConfig(batch_size=32, eval_batch_size=32, beam_size=5,
+                                      length_buckets=buckets,
+                                      loop=LoopConfig(epochs=3, eval_every=3)), make_mesh())
+  trainer._train_step = jax.jit(chex.assert_max_traces(trainer._step, n=len(buckets)),
+                                donate_argnums=(0, 1))
+  _, state = trainer.train(table, num_items, samples, samples, str(tmp_path / "ckpt"))
+  assert state["epoch"] == 2
