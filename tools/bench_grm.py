@@ -509,7 +509,7 @@ def pad_to(inputs: np.ndarray, length: int) -> np.ndarray:
 
 
 class TorchTrain:
-  """Teacher-forced training with AdamW + grad clipping on batches padded to a fixed length."""
+  """Teacher-forced training with AdamW (+ clipping if set) on batches padded to a fixed length."""
 
   def __init__(self, model, lr, weight_decay, grad_clip, full_len):
     import torch
@@ -525,7 +525,8 @@ class TorchTrain:
     labels[torch.from_numpy(idx < 0)] = -100
     out = self.model(input_ids=inputs, attention_mask=(inputs > 0).long(), labels=labels)
     out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+    if self.grad_clip > 0:  # 0 = no clipping, as the JAX trainer
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
     self.loss = out.loss.item()
