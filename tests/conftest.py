@@ -60,7 +60,7 @@ def tiny_config(directory, method="tiger", late_items=0):
                      kmeans_iterations=5)
   c.grm.update(d_model=16, d_ff=32, num_heads=2, d_kv=8, num_encoder_layers=1,
                num_decoder_layers=1, learning_rate=1e-2, warmup_steps=5, batch_size=64,
-               eval_batch_size=64, beam_size=20, length_buckets=(8,), epochs=8,
+               eval_batch_size=64, beam_size=20, length_buckets=(8,), epochs=12,
                eval_every=2, patience=10)
   c.continual.update(cf_finetune_epochs=1, finetune_epochs=2, finetune_eval_every=1,
                      patience=2, retrain_epochs=2)
