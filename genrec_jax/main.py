@@ -10,7 +10,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from genrec_jax.config import ConfigError, check_config
+from genrec_jax.config import ConfigError
 from genrec_jax.data import DataError
 from genrec_jax.logs import setup_logging
 from genrec_jax.pipelines import continual, static
@@ -30,7 +30,6 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", FLAGS.config.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
-    check_config(FLAGS.config)
     if FLAGS.config.method == "continual":
       continual.run(FLAGS.config, FLAGS.workdir)
     else:

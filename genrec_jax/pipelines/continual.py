@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from genrec_jax.config import check_config
 from genrec_jax.data import append_interactions, read_interactions
 from genrec_jax.data.periods import (SECONDS_PER_DAY, Period, continual_split, period_summary,
                                      retrain_samples)
@@ -394,6 +395,7 @@ def analyses(results: dict) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every configured method across the periods; writes WORKDIR/results.json."""
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir, ("continual.methods", "continual.new_periods"))
   logging.info("devices: %d x %s", jax.device_count(), jax.devices()[0].platform)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from genrec_jax.config import ConfigError
+from genrec_jax.config import ConfigError, check_config
 from genrec_jax.data import leave_one_out, load_interactions
 from genrec_jax.data.interactions import Interactions, index_interactions, k_core_filter
 from genrec_jax.data.splits import subsample, training_windows
@@ -153,8 +153,9 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the pipeline of `config.method` and writes WORKDIR/results.json."""
+  check_config(config)
   if config.method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    raise ConfigError(f"method={config.method!r}: the static pipeline runs {METHODS}")
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir)
   timing, t0 = {}, time.time()
