@@ -71,10 +71,7 @@ class ContinualRun:
   """State and stages of one continual run (one dataset, several methods)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    unknown = set(config.continual.methods) - set(METHOD_RULES)
-    if unknown:
-      raise ValueError(f"unknown continual methods {sorted(unknown)}; "
-                       f"choose from {sorted(METHOD_RULES)}")
+    check_config(config)  # unknown methods, missing files, CF vs latent size, ...
     self.config, self.workdir = config, workdir
     self.mesh = make_mesh()
     self.inter = load_dataset(config, workdir)
@@ -395,7 +392,7 @@ def analyses(results: dict) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every configured method across the periods; writes WORKDIR/results.json."""
-  check_config(config)
+  check_config(config)  # before the workdir is created: a bad config leaves nothing behind
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir, ("continual.methods", "continual.new_periods"))
   logging.info("devices: %d x %s", jax.device_count(), jax.devices()[0].platform)
