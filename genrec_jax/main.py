@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from genrec_jax.config import ConfigError
 from genrec_jax.data import DataError
 from genrec_jax.logs import setup_logging
-from genrec_jax.pipelines import continual, static
+from genrec_jax import methods
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally `path:preset`.",
@@ -30,10 +30,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", FLAGS.config.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
-    if FLAGS.config.method == "continual":
-      continual.run(FLAGS.config, FLAGS.workdir)
-    else:
-      static.run(FLAGS.config, FLAGS.workdir)
+    methods.run(FLAGS.config, FLAGS.workdir)
   except (ConfigError, DataError) as error:  # a mistake in the input: one line, no traceback
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -8,8 +8,9 @@ from flax import nnx
 
 from genrec_jax.data.splits import SampleSet
 from genrec_jax.recommenders.sasrec import SASRec, SASRecConfig
-from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer
+from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer, sasrec_loss
 from genrec_jax.training.sharding import make_mesh
+from genrec_jax.training.trainer import MODEL_GROUP
 
 NUM_ITEMS = 10
 KNOWN = np.arange(NUM_ITEMS) < 7  # items 7, 8, 9 arrive in a later period
@@ -23,25 +24,27 @@ def _trainer(loss="ce"):
 
 
 def _batch():
-  seq = np.array([[0, 1, 2, 3], [0, 0, 4, 5], [6, 1, 2, 7]], np.int32)  # item + 1, 0 = pad
+  history = np.array([[-1, 0, 1, 2], [-1, -1, 3, 4], [5, 0, 1, 6]], np.int32)  # -1 = pad
   targets = np.array([[-1, 1, 2, 3], [-1, -1, 4, 5], [0, 1, 2, 6]], np.int32)
-  return {"seq": jnp.asarray(seq), "targets": jnp.asarray(targets)}
+  return {"history": jnp.asarray(history), "target": jnp.asarray(targets)}
 
 
-@pytest.mark.parametrize("loss", ["ce", "bce"])
-def test_unseen_items_are_no_negatives_and_get_no_gradient(loss):
-  trainer = _trainer(loss)
+@pytest.mark.parametrize("loss_name", ["ce", "bce"])
+def test_unseen_items_are_no_negatives_and_get_no_gradient(loss_name):
+  trainer = _trainer(loss_name)
   batch, known = _batch(), jnp.asarray(KNOWN)
-  value, grads = jax.value_and_grad(trainer._loss)(trainer.init_params, batch,
-                                                   jax.random.key(0), known)
-  table_grad = np.asarray(grads["item_embed"]["embedding"][...])[1:]  # [items, d]
+  def loss(params):
+    return sasrec_loss(trainer.trainer.merge(params), batch, jax.random.key(0),
+                       {"known": known}, loss=loss_name)[0]
+  value, grads = jax.value_and_grad(loss)(trainer.init_params)
+  table_grad = np.asarray(grads[MODEL_GROUP]["item_embed"]["embedding"][...])[1:]  # [items, d]
   assert np.isfinite(float(value))
   np.testing.assert_array_equal(table_grad[~KNOWN], 0.0)
   assert np.abs(table_grad[KNOWN]).max() > 0
-  if loss == "ce":  # against a NumPy softmax over the known items only
-    model = nnx.merge(trainer.graphdef, trainer.init_params)
-    logits = np.asarray(model.logits(model(batch["seq"])), np.float64)[..., KNOWN]
-    targets = np.asarray(batch["targets"])
+  if loss_name == "ce":  # against a NumPy softmax over the known items only
+    model = trainer.trainer.merge(trainer.init_params)
+    logits = np.asarray(model.logits(model(batch["history"] + 1)), np.float64)[..., KNOWN]
+    targets = np.asarray(batch["target"])
     log_z = np.log(np.exp(logits).sum(-1))
     picked = np.take_along_axis(logits, np.maximum(targets, 0)[..., None], -1)[..., 0]
     expected = (log_z - picked)[targets >= 0].mean()
@@ -58,11 +61,12 @@ def test_ranking_skips_unseen_items_and_new_items_start_fresh():
   reset = trainer.reset_item_rows(trained, np.array([7, 9]), seed=5)
   fresh = np.asarray(nnx.split(SASRec(trainer.model_cfg, rngs=nnx.Rngs(5)))[1]
                      ["item_embed"]["embedding"][...])
-  before = np.asarray(trained["item_embed"]["embedding"][...])
-  after = np.asarray(reset["item_embed"]["embedding"][...])
+  before = np.asarray(trained[MODEL_GROUP]["item_embed"]["embedding"][...])
+  after = np.asarray(reset[MODEL_GROUP]["item_embed"]["embedding"][...])
   np.testing.assert_array_equal(after[[8, 10]], fresh[[8, 10]])  # rows of items 7, 9
   keep = np.setdiff1d(np.arange(NUM_ITEMS + 1), [8, 10])
   np.testing.assert_array_equal(after[keep], before[keep])
-  np.testing.assert_array_equal(np.asarray(trained["item_embed"]["embedding"][...]), before)
+  np.testing.assert_array_equal(
+      np.asarray(trained[MODEL_GROUP]["item_embed"]["embedding"][...]), before)
   with pytest.raises(ValueError, match="known_items"):
     trainer.rank(trainer.init_params, samples, known_items=np.zeros(3, bool))

@@ -40,7 +40,7 @@ def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
 
 
 def test_every_continual_method_has_rules():
-  from genrec_jax.pipelines.continual import METHOD_RULES
+  from genrec_jax.methods.dact import METHOD_RULES
   assert tuple(METHOD_RULES) == CONTINUAL_METHODS
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from genrec_jax.pipelines import continual
+from genrec_jax.methods import dact as continual
 from genrec_jax.training import loop
 from tests.conftest import tiny_config
 

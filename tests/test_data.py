@@ -262,7 +262,7 @@ def test_tfds_path_with_the_shipped_configs(tmp_path, config_name):
     """`--config.data.use_tfds=True` with the shipped configs (predefined TFDS names toys and
     beauty) and with a user's own file under a predefined name: the pipeline's data stage reads
     the same interactions through TFDS as directly."""
-    from genrec_jax.pipelines.static import load_dataset
+    from genrec_jax.stages import load_dataset
     if config_name == "own_file_named_toys":
         config = _shipped_config("tiger_toys")
         config.data.path = str(_write_formats(tmp_path, CHAIN * 3)["csv"])

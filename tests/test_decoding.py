@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from genrec_jax.decoding.beam_search import beam_search
+from genrec_jax.decoding.beam_search import NEG_INF, beam_search, distinct_items
 from genrec_jax.decoding.trie import build_trie, trie_capacity
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, one_to_one_table
@@ -158,3 +158,55 @@ def test_one_to_many_table_maps_identifiers_to_items():
   for s in (1, 1, 0):
     node = trie.children[node, s]
   assert trie.leaf_item[node] == 7
+
+
+def test_distinct_items_keeps_each_items_first_entry_in_order():
+  rng = np.random.default_rng(0)
+  items = rng.integers(-1, 6, (50, 12)).astype(np.int32)
+  scores = -np.sort(rng.random((50, 12)), axis=1).astype(np.float32)
+  got_items, got_scores = (np.asarray(a) for a in distinct_items(jnp.asarray(items),
+                                                                  jnp.asarray(scores)))
+  for row in range(50):  # reference: a Python scan with a set of seen items
+    seen, want_items, want_scores = set(), [], []
+    for item, score in zip(items[row], scores[row]):
+      if item >= 0 and item not in seen:
+        seen.add(item)
+        want_items.append(item)
+        want_scores.append(score)
+    pad = 12 - len(want_items)
+    np.testing.assert_array_equal(got_items[row], want_items + [-1] * pad)
+    np.testing.assert_array_equal(got_scores[row], np.array(want_scores + [NEG_INF] * pad,
+                                                            np.float32))
+
+
+def test_one_to_many_ranking_lists_each_item_once_at_its_best_identifier():
+  """Items own one to three identifiers; a full-width search followed by `distinct_items`
+  ranks every item once, by its best identifier's exact log-probability (brute force)."""
+  rng = np.random.default_rng(3)
+  owners = np.concatenate([np.arange(12), rng.integers(0, 12, 10)]).astype(np.int32)
+  codes = assign_dedup(rng.integers(0, 3, (len(owners), 2)), dedup_size=len(owners))
+  table = IdentifierTable(codes.astype(np.int32), owners, (3, 3, len(owners)))
+  model = _model(table, seed=2)
+  inputs = jnp.asarray(rng.integers(1, table.vocab_size, (2, 6)))
+  items, _, scores = _search(model, inputs, table, beam=len(owners))
+  items, scores = (np.asarray(a) for a in distinct_items(items, scores))
+  brute = np.asarray(_brute_force_scores(model, inputs, table))  # [B, identifiers]
+  for b in range(2):
+    best = np.full(12, -np.inf)
+    np.maximum.at(best, owners, brute[b])
+    order = np.argsort(-best, kind="stable")
+    np.testing.assert_array_equal(items[b, :12], order)
+    np.testing.assert_allclose(scores[b, :12], best[order], rtol=1e-4, atol=1e-4)
+    assert (items[b, 12:] == -1).all()
+
+
+def test_item_token_sets_list_every_identifier_of_an_item():
+  codes = np.array([[0, 1, 0], [1, 1, 0], [0, 2, 0], [2, 0, 0]])
+  table = IdentifierTable(codes, np.array([4, 1, 4, 4], np.int32), (3, 3, 1))
+  tokens, count = table.item_token_sets(6)
+  np.testing.assert_array_equal(count, [0, 1, 0, 0, 3, 0])
+  assert tokens.shape == (6, 3, 3)
+  np.testing.assert_array_equal(tokens[4], table.tokens()[[0, 2, 3]])
+  np.testing.assert_array_equal(tokens[1, 0], table.tokens()[1])
+  assert not tokens[1, 1:].any() and not tokens[[0, 2, 3, 5]].any()
+  np.testing.assert_array_equal(table.item_token_sets(6)[0][:, 0], table.item_tokens(6))

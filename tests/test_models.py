@@ -107,21 +107,29 @@ def test_sasrec_is_causal_and_padding_invariant():
 
 def test_grm_loss_averages_token_cross_entropy_over_tokens_and_real_samples():
   """Reference: token-level CE averaged over the D target tokens (the DACT / TIGER code);
-  "sum" keeps the earlier per-sample sum; padded samples (weight 0) do not count."""
+  "sum" keeps the earlier per-sample sum; padded samples (weight 0) do not count. Batches
+  carry item indices, turned into tokens inside the loss through the identifier map."""
   from genrec_jax.training.grm import grm_loss
   model = T5(T5Config(vocab_size=30, d_model=16, d_ff=32, num_heads=2, d_kv=8,
                       num_encoder_layers=1, num_decoder_layers=1), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
-  batch = {"inputs": jnp.asarray(rng.integers(1, 30, (4, 6)), jnp.int32),
-           "targets": jnp.asarray(rng.integers(1, 30, (4, 3)), jnp.int32),
+  item_tokens = rng.integers(1, 30, (7, 3)).astype(np.int32)  # 7 items, D = 3
+  history = np.array([[-1, 2], [4, 5], [0, 6], [3, 1]], np.int32)
+  target = np.array([1, 3, 6, -1], np.int32)
+  batch = {"history": jnp.asarray(history), "target": jnp.asarray(target),
            "weight": jnp.asarray([1.0, 1.0, 1.0, 0.0])}
-  targets = np.asarray(batch["targets"])
-  logits = np.asarray(model(batch["inputs"], jnp.pad(batch["targets"][:, :-1], ((0, 0), (1, 0)))),
+  context = {"item_tokens": jnp.asarray(item_tokens)}
+  inputs = np.where(history[..., None] >= 0, item_tokens[np.maximum(history, 0)], 0)
+  targets = item_tokens[np.maximum(target, 0)]
+  logits = np.asarray(model(jnp.asarray(inputs.reshape(4, 6)),
+                            jnp.pad(jnp.asarray(targets[:, :-1]), ((0, 0), (1, 0)))),
                       np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]  # [4, 3]
-  np.testing.assert_allclose(float(grm_loss(model, batch, None)), nll[:3].mean(), rtol=1e-5)
-  np.testing.assert_allclose(float(grm_loss(model, batch, None, "sum")),
+  loss, aux = grm_loss(model, batch, None, context)
+  assert aux == {}
+  np.testing.assert_allclose(float(loss), nll[:3].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(grm_loss(model, batch, None, context, "sum")[0]),
                              nll[:3].sum(-1).mean(), rtol=1e-5)
 
 
@@ -143,3 +151,30 @@ def test_grm_optimizer_defaults_to_constant_adamw_without_clipping():
   clipped = make_optimizer(1e-3, 0.01, 10, 1.0)
   u3, _ = clipped.update(grads, clipped.init(params), params)
   assert np.abs(np.asarray(u3["w"])).max() < np.abs(np.asarray(u2["w"])).max() / 5
+
+
+def test_t5_encoder_reads_input_vectors_and_soft_tokens():
+  """Embedding inputs: the token table's rows give the token path's states exactly; a soft
+  token is the probability-weighted mix of a level's rows, and gradients reach the inputs."""
+  model = T5(T5Config(vocab_size=1 + 2 * 5, d_model=16, d_ff=32, num_heads=2, d_kv=8,
+                      num_encoder_layers=1, num_decoder_layers=1), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray([[0, 0, 3, 8], [2, 7, 4, 9]], jnp.int32)  # level 1: 1..5, level 2: 6..10
+  table = np.asarray(model.embed.embedding[...])
+  states, mask = model.encode(tokens)
+  vectors = jnp.asarray(table[np.asarray(tokens)])
+  from_vectors, same_mask = model.encode(None, embeddings=vectors, mask=tokens > 0)
+  np.testing.assert_array_equal(np.asarray(mask), np.asarray(same_mask))
+  np.testing.assert_allclose(np.asarray(from_vectors), np.asarray(states), atol=1e-6)
+  probs = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 4)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(model.soft_embeddings(jnp.asarray(probs), 6)),
+                             probs @ table[6:11], rtol=1e-5, atol=1e-6)
+  one_hot = jnp.asarray(np.eye(5, dtype=np.float32)[[2, 4]])  # codes 2, 4 of level 1
+  np.testing.assert_allclose(np.asarray(model.soft_embeddings(one_hot, 1)), table[[3, 5]],
+                             atol=1e-6)
+
+  def real_states_sum(p):
+    encoded, real = model.encode(None, embeddings=model.soft_embeddings(p, 1), mask=tokens > 0)
+    return jnp.where(real[..., None], encoded, 0.0).sum()
+  grad = np.asarray(jax.grad(real_states_sum)(jnp.asarray(probs)))
+  assert (np.abs(grad[1]).max(-1) > 0).all()  # every input of the unpadded row is read
+  np.testing.assert_array_equal(grad[0, :2], 0.0)  # padded inputs reach no real state

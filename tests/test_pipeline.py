@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from genrec_jax.pipelines import static
+from genrec_jax import methods
 from genrec_jax.training import loop
 from tests.conftest import tiny_config
 
@@ -18,7 +18,7 @@ METRICS = {"recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"}
 
 def test_tiger_run_writes_results_and_unique_identifiers(tmp_path):
   config = tiny_config(str(tmp_path))
-  results = static.run(config, str(tmp_path / "run"))
+  results = methods.run(config, str(tmp_path / "run"))
   on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
   assert on_disk["method"] == "tiger"
   assert on_disk["dataset"] == {"name": "synthetic", "users": 240, "items": 48,
@@ -42,19 +42,19 @@ def test_letter_and_sasrec_methods_run(tmp_path):
   config.tokenizer.diversity_groups = 3
   config.tokenizer.sinkhorn_epsilon = 0.003
   config.tokenizer.update(selection="min_collision", eval_every=20)
-  results = static.run(config, str(tmp_path / "letter"))
+  results = methods.run(config, str(tmp_path / "letter"))
   assert [e["step"] for e in results["tokenizer"]["collision_evaluations"]] == [20, 40, 60]
   rates = [e["collision_rate"] for e in results["tokenizer"]["collision_evaluations"]]
   assert results["tokenizer"]["collision_rate"] == pytest.approx(min(rates))
   assert set(results["baselines"]["sasrec"]["test"]) == METRICS
   config = tiny_config(str(tmp_path), method="sasrec")
-  results = static.run(config, str(tmp_path / "sasrec"))
+  results = methods.run(config, str(tmp_path / "sasrec"))
   assert set(results["metrics"]["test"]) == METRICS
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
   config = tiny_config(str(tmp_path))
-  reference = static.run(config, str(tmp_path / "straight"))
+  reference = methods.run(config, str(tmp_path / "straight"))
 
   real_fit = loop.fit
 
@@ -65,9 +65,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
   monkeypatch.setattr(loop, "fit", crashing_fit)
   with pytest.raises(KeyboardInterrupt):
-    static.run(config, str(tmp_path / "resumed"))
+    methods.run(config, str(tmp_path / "resumed"))
   monkeypatch.setattr(loop, "fit", real_fit)
-  resumed = static.run(config, str(tmp_path / "resumed"))
+  resumed = methods.run(config, str(tmp_path / "resumed"))
   assert resumed["metrics"]["test"] == reference["metrics"]["test"]
   assert [h["loss"] for h in resumed["grm_history"]] == [
       h["loss"] for h in reference["grm_history"]]
@@ -76,29 +76,29 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 def test_checkpoint_of_another_model_fails_loudly(tmp_path):
   config = tiny_config(str(tmp_path))
   config.grm.epochs = 1
-  static.run(config, str(tmp_path / "run"))
+  methods.run(config, str(tmp_path / "run"))
   config.grm.d_ff = 64
   config.grm.epochs = 2
   # The workdir remembers its config and names what changed ...
   with pytest.raises(ValueError, match=r"grm.d_ff: 32 -> 64; grm.epochs: 1 -> 2"):
-    static.run(config, str(tmp_path / "run"))
+    methods.run(config, str(tmp_path / "run"))
   # ... and without that record, the checkpoint itself refuses the other model.
   os.remove(tmp_path / "run" / "config.json")
   from genrec_jax.training.checkpoint import CheckpointMismatchError
   with pytest.raises(CheckpointMismatchError, match="does not match the model"):
-    static.run(config, str(tmp_path / "run"))
+    methods.run(config, str(tmp_path / "run"))
 
 
 _MULTI_DEVICE = r"""
 import json, sys
 import jax
-from genrec_jax.pipelines import static
+from genrec_jax import methods
 from tests.conftest import tiny_config
 config = tiny_config(sys.argv[1])
 config.grm.epochs = 2
 config.tokenizer.train_length = 20
 config.tokenizer.train_unit = "steps"
-res = static.run(config, sys.argv[1] + "/run")
+res = methods.run(config, sys.argv[1] + "/run")
 print(json.dumps({"devices": jax.device_count(),
                   "losses": [h["loss"] for h in res["grm_history"]]}))
 """
@@ -146,7 +146,8 @@ def test_train_step_compiles_once_per_length_bucket(tmp_path):
                        GRMTrainConfig(batch_size=32, eval_batch_size=32, beam_size=5,
                                       length_buckets=buckets,
                                       loop=LoopConfig(epochs=3, eval_every=3)), make_mesh())
-  trainer._train_step = jax.jit(chex.assert_max_traces(trainer._step, n=len(buckets)),
-                                donate_argnums=(0, 1))
+  core = trainer.trainer
+  core._step = jax.jit(chex.assert_max_traces(core._train_step, n=len(buckets)),
+                       donate_argnums=(0, 1), static_argnames=("trainable",))
   _, state = trainer.train(table, num_items, samples, samples, str(tmp_path / "ckpt"))
   assert state["epoch"] == 2

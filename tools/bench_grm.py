@@ -3,7 +3,7 @@
 Measures, on real Amazon-2014 Toys samples (real history lengths) with a random identifier table
 (speed only, not accuracy):
 
-  a. JAX training (`GRMTrainer._train_step`): steps/s and samples/s with length bucketing
+  a. JAX training (the `Trainer` step of `GRMTrainer`): steps/s and samples/s with length bucketing
      (`GRMTrainConfig.length_buckets`) and with every batch padded to 80 tokens (20 items);
   b. JAX trie-constrained beam search (`GRMTrainer._rank`, the jitted body of `.rank`): users/s;
   c. peak memory: peak RSS of the process during each phase's warm-up on its largest shape
@@ -59,14 +59,15 @@ from genrec_jax.data.splits import SampleSet  # noqa: E402
 from genrec_jax.decoding.trie import build_trie  # noqa: E402
 from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
 from genrec_jax.tokenizers.identifiers import assign_dedup, one_to_one_table  # noqa: E402
-from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, history_tokens,  # noqa: E402
-                                     sample_batches)
+from genrec_jax.data.batching import sample_batches  # noqa: E402
+from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer  # noqa: E402
 from genrec_jax.training.sharding import make_mesh, replicate, shard_batch  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/amazon2014/toys/interactions.csv"
 MAX_HISTORY = 20
 CODEBOOK = 256
 DEDUP = 256
+DEPTH = 4  # 3 code levels + the dedup digit
 
 PRESETS = {
     # DACT / TIGER size.
@@ -169,12 +170,22 @@ def load_data(path: str, seed: int):
   return split, table
 
 
-def epoch_batches(samples: SampleSet, item_tokens, batch_size, buckets, seed):
+def host_tokens(items: np.ndarray, item_tokens: np.ndarray) -> np.ndarray:
+  """Item indices int [B, H] (-1 = pad) -> tokens int [B, H * D] (0 = pad), for torch."""
+  tokens = np.where(items[..., None] >= 0, item_tokens[np.maximum(items, 0)], 0)
+  return tokens.reshape(items.shape[0], -1)
+
+
+def tokens_of(batch: dict) -> int:
+  """Encoder input length (tokens) of a batch of item histories."""
+  return batch["history"].shape[1] * DEPTH
+
+
+def epoch_batches(samples: SampleSet, batch_size, buckets, seed):
   """All batches of one shuffled epoch, grouped by input length (tokens)."""
   groups: dict[int, list] = collections.defaultdict(list)
-  for batch, idx in sample_batches(samples, item_tokens, batch_size, buckets, seed=seed,
-                                   epoch=0):
-    groups[batch["inputs"].shape[1]].append((batch, idx))
+  for batch, idx in sample_batches(samples, batch_size, buckets, seed=seed, epoch=0):
+    groups[tokens_of(batch)].append((batch, idx))
   return dict(groups)
 
 
@@ -352,23 +363,26 @@ def torch_gflop(fn) -> float:
 
 
 class JaxTrain:
-  """Train state + AOT-compiled `GRMTrainer._train_step` per input length."""
+  """Train state + AOT-compiled train step (`GRMTrainer.trainer`) per input length."""
 
-  def __init__(self, trainer: GRMTrainer, compiled: dict):
+  def __init__(self, trainer: GRMTrainer, item_tokens, compiled: dict):
     self.trainer, self.compiled = trainer, compiled
     self.params = jax.tree.map(jnp.copy, trainer.init_params)
-    self.opt_state = trainer.init_opt_state(self.params)
+    self.opt_state = trainer.trainer.init_opt_state(self.params)
+    self.context = {"item_tokens": item_tokens}
     self.key = jax.random.key(0)
     self.steps = 0
     self.compile_s: dict[int, dict] = {}
 
   def compile(self, batch: dict) -> None:
-    length = batch["inputs"].shape[1]
+    length = tokens_of(batch)
     if length in self.compiled:
       return
     sharded = shard_batch(batch, self.trainer.mesh)
     t0 = time.perf_counter()
-    lowered = self.trainer._train_step.lower(self.params, self.opt_state, sharded, self.key)
+    lowered = self.trainer.trainer._step.lower(self.params, self.opt_state, sharded, self.key,
+                                               self.context,
+                                               trainable=self.trainer.trainer.groups)
     t1 = time.perf_counter()
     self.compiled[length] = lowered.compile()
     t2 = time.perf_counter()
@@ -378,11 +392,11 @@ class JaxTrain:
 
   def step(self, batch: dict, idx: np.ndarray) -> int:
     self.steps += 1
-    out = self.compiled[batch["inputs"].shape[1]](
+    out = self.compiled[tokens_of(batch)](
         self.params, self.opt_state, shard_batch(batch, self.trainer.mesh),
-        jax.random.fold_in(self.key, self.steps))
-    self.params, self.opt_state, loss = jax.block_until_ready(out)
-    self.loss = float(loss)
+        jax.random.fold_in(self.key, self.steps), self.context)
+    self.params, self.opt_state, metrics = jax.block_until_ready(out)
+    self.loss = float(metrics["loss"])
     if not np.isfinite(self.loss):
       raise FloatingPointError(f"non-finite loss {self.loss}")
     return real_rows(idx)
@@ -391,10 +405,11 @@ class JaxTrain:
 class JaxRank:
   """AOT-compiled beam search (`GRMTrainer._rank`) per input length."""
 
-  def __init__(self, trainer: GRMTrainer, table, beam: int, compiled: dict):
+  def __init__(self, trainer: GRMTrainer, table, item_tokens, beam: int, compiled: dict):
     self.trainer, self.compiled = trainer, compiled
     self.rank_fn = trainer._rank
     self.params = trainer.init_params
+    self.item_tokens = item_tokens
     self.trie = replicate(jax.tree.map(jnp.asarray, build_trie(table)), trainer.mesh)
     self.static = dict(offsets=tuple(int(o) for o in table.offsets),
                        level_sizes=tuple(table.level_sizes), beam_size=beam,
@@ -402,23 +417,24 @@ class JaxRank:
     self.compile_s: dict[int, float] = {}
     self.gflop: dict[int, float | None] = {}
 
-  def _inputs(self, batch):
-    return shard_batch({"inputs": batch["inputs"]}, self.trainer.mesh)["inputs"]
+  def _history(self, batch):
+    return shard_batch({"history": batch["history"]}, self.trainer.mesh)["history"]
 
   def compile(self, batch: dict) -> None:
-    length = batch["inputs"].shape[1]
+    length = tokens_of(batch)
     if length in self.compiled:
       return
     t0 = time.perf_counter()
-    self.compiled[length] = self.rank_fn.lower(self.params, self._inputs(batch), self.trie,
+    self.compiled[length] = self.rank_fn.lower(self.params, self._history(batch),
+                                               self.item_tokens, self.trie,
                                                **self.static).compile()
     self.compile_s[length] = time.perf_counter() - t0
     self.gflop[length] = hlo_gflop(self.compiled[length])
     log(f"compiled beam search for {length} tokens in {self.compile_s[length]:.1f}s")
 
   def rank(self, batch: dict, idx: np.ndarray) -> int:
-    items, _ = self.compiled[batch["inputs"].shape[1]](self.params, self._inputs(batch),
-                                                       self.trie)
+    items, _ = self.compiled[tokens_of(batch)](self.params, self._history(batch),
+                                               self.item_tokens, self.trie)
     jax.block_until_ready(items)
     return real_rows(idx)
 
@@ -444,10 +460,10 @@ def jax_rank_phase(name, state: JaxRank, groups, measured) -> Phase:
                warmup=functools.partial(state.rank, *measured[largest][0]))
 
 
-def valid_batches(samples: SampleSet, item_tokens, batch_size, buckets):
+def valid_batches(samples: SampleSet, batch_size, buckets):
   groups: dict[int, list] = collections.defaultdict(list)
-  for batch, idx in sample_batches(samples, item_tokens, batch_size, buckets):
-    groups[batch["inputs"].shape[1]].append((batch, idx))
+  for batch, idx in sample_batches(samples, batch_size, buckets):
+    groups[tokens_of(batch)].append((batch, idx))
   return dict(groups)
 
 
@@ -511,17 +527,19 @@ def pad_to(inputs: np.ndarray, length: int) -> np.ndarray:
 class TorchTrain:
   """Teacher-forced training with AdamW (+ clipping if set) on batches padded to a fixed length."""
 
-  def __init__(self, model, lr, weight_decay, grad_clip, full_len):
+  def __init__(self, model, item_tokens, lr, weight_decay, grad_clip, full_len):
     import torch
-    self.torch, self.model = torch, model
+    self.torch, self.model, self.item_tokens = torch, model, item_tokens
     self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     self.grad_clip, self.full_len = grad_clip, full_len
 
   def step(self, batch, idx) -> int:
     torch = self.torch
     self.model.train()
-    inputs = torch.from_numpy(pad_to(batch["inputs"], self.full_len).astype(np.int64))
-    labels = torch.from_numpy(batch["targets"].astype(np.int64))
+    inputs = host_tokens(batch["history"], self.item_tokens)
+    inputs = torch.from_numpy(pad_to(inputs, self.full_len).astype(np.int64))
+    labels = torch.from_numpy(host_tokens(batch["target"][:, None], self.item_tokens)
+                              .astype(np.int64))
     labels[torch.from_numpy(idx < 0)] = -100
     out = self.model(input_ids=inputs, attention_mask=(inputs > 0).long(), labels=labels)
     out.loss.backward()
@@ -743,23 +761,23 @@ def main(argv=None):
   # JAX phases (compiled ahead of time; compile time reported separately).
   compiled_train: dict[int, object] = {}
   compiled_rank: dict[int, object] = {}
-  train_groups = epoch_batches(split.train, item_tokens, args.batch_size, buckets, args.seed)
-  fixed_groups = epoch_batches(split.train, item_tokens, args.batch_size, (MAX_HISTORY,),
-                               args.seed)
-  bucketed_state = JaxTrain(trainer, compiled_train)
+  train_groups = epoch_batches(split.train, args.batch_size, buckets, args.seed)
+  fixed_groups = epoch_batches(split.train, args.batch_size, (MAX_HISTORY,), args.seed)
+  device_tokens = trainer.item_tokens(table, split.num_items)
+  bucketed_state = JaxTrain(trainer, device_tokens, compiled_train)
   phases = [jax_train_phase("jax train bucketed", bucketed_state, train_groups,
                             pick(train_groups, args.train_steps))]
-  fixed_state = JaxTrain(trainer, compiled_train)
+  fixed_state = JaxTrain(trainer, device_tokens, compiled_train)
   phases.append(jax_train_phase("jax train 80 tokens", fixed_state, fixed_groups,
                                 {full_len: fixed_groups[full_len][:args.fixed_steps]}))
   phases[-1].warmup = None  # same executable and shape as the bucketed phase's warm-up
-  rank_state = JaxRank(trainer, table, args.beam, compiled_rank)
-  valid_groups = valid_batches(split.valid, item_tokens, args.eval_batch_size, buckets)
+  rank_state = JaxRank(trainer, table, device_tokens, args.beam, compiled_rank)
+  valid_groups = valid_batches(split.valid, args.eval_batch_size, buckets)
   n_eval = max(1, int(round(args.eval_users / args.eval_batch_size)))
   phases.append(jax_rank_phase("jax beam bucketed", rank_state, valid_groups,
                                pick(valid_groups, n_eval)))
   if args.fixed_eval_users:
-    fixed_valid = valid_batches(split.valid, item_tokens, args.eval_batch_size, (MAX_HISTORY,))
+    fixed_valid = valid_batches(split.valid, args.eval_batch_size, (MAX_HISTORY,))
     n_fixed = max(1, int(round(args.fixed_eval_users / args.eval_batch_size)))
     phases.append(jax_rank_phase("jax beam 80 tokens", rank_state, fixed_valid,
                                  {full_len: fixed_valid[full_len][:n_fixed]}))
@@ -785,8 +803,8 @@ def main(argv=None):
     log(f"torch {torch.__version__} / transformers {transformers.__version__}, "
         f"{args.threads} threads, HF T5 parameters: {n_torch:,}")
     results["torch"] = {"num_params": n_torch}
-    tt = TorchTrain(model, train_cfg.learning_rate, train_cfg.weight_decay, train_cfg.grad_clip,
-                    full_len)
+    tt = TorchTrain(model, item_tokens, train_cfg.learning_rate, train_cfg.weight_decay,
+                    train_cfg.grad_clip, full_len)
     tbatches = fixed_groups[full_len][:args.torch_train_steps + 1]
     torch_phases.append(Phase("torch train 80 tokens", "samples",
                               [(full_len, functools.partial(tt.step, *bi))
@@ -794,7 +812,7 @@ def main(argv=None):
                               warmup=functools.partial(tt.step, *tbatches[0])))
     tg = TorchGenerate(model, table, args.beam, full_len)
     users = min(args.torch_eval_users, len(split.valid))
-    inputs = history_tokens(split.valid.history[:users], item_tokens)
+    inputs = host_tokens(split.valid.history[:users], item_tokens)
     chunks = [inputs[s:s + args.torch_eval_batch_size]
               for s in range(0, users, args.torch_eval_batch_size)]
     torch_phases.append(Phase("torch generate 80 tokens", "users",

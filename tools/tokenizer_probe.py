@@ -20,8 +20,7 @@ from ml_collections import config_flags
 
 from genrec_jax.config import check_config
 from genrec_jax.logs import setup_logging
-from genrec_jax.pipelines.static import (item_features, load_dataset, rqvae_config,
-                                         tokenizer_train_config)
+from genrec_jax.stages import item_features, load_dataset, rqvae_config, tokenizer_train_config
 from genrec_jax.training.tokenizer import assign_identifiers, train_tokenizer
 
 FLAGS = flags.FLAGS

@@ -13,6 +13,8 @@ into batches) and pads each batch to the bucket of its longest history.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 GROUPINGS = ("length", "random")
@@ -69,3 +71,29 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, boundaries: tuple[int
   if rng is not None:
     batches = [batches[i] for i in rng.permutation(len(batches))]
   return batches
+
+
+def sample_batches(samples, batch_size: int, boundaries: tuple[int, ...], *,
+                   seed: int | None = None, epoch: int = 0, grouping: str = "length"
+                   ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """Batches of item indices of a `SampleSet`, one bucket's width each (`bucketed_batches`).
+
+  Yields (batch, indices) with indices int64 [B] (-1 = filler row) and batch:
+    history int32 [B, slots]: the last `slots` history items, -1 = padding or filler row;
+    target int32 [B] (or [B, slots] for training windows): -1 = none or filler row;
+    weight float32 [B]: 1 for real samples, 0 for filler rows.
+  Models turn item indices into their inputs inside the compiled step (identifier tokens,
+  embedding rows), so a batch does not depend on the identifier table.
+  """
+  width = samples.history.shape[1]
+  for slots, idx in bucketed_batches(samples.lengths, batch_size, boundaries, seed=seed,
+                                     epoch=epoch, grouping=grouping):
+    rows, filler = np.maximum(idx, 0), idx < 0
+    history = samples.history[rows][:, width - slots:].astype(np.int32)
+    target = samples.target[rows].astype(np.int32)
+    if target.ndim == 2:
+      target = target[:, width - slots:]
+    history[filler] = -1
+    target[filler] = -1
+    yield {"history": history, "target": target,
+           "weight": (~filler).astype(np.float32)}, idx

@@ -85,3 +85,19 @@ def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
   items = jnp.where((nodes >= 0) & (scores > NEG_INF / 2),
                     trie.leaf_item[jnp.maximum(nodes, 0)], -1)
   return items, tokens, scores
+
+
+def distinct_items(items: jax.Array, scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One entry per item in a ranking where an item may own several identifiers.
+
+  items int32 [B, N] and scores [B, N] in score order (-1 = no item), as `beam_search`
+  returns them. An item keeps its first, best-scoring entry; repeats and -1 entries move to
+  the end as (-1, NEG_INF), the order of the kept entries unchanged. With one identifier per
+  item the ranking is returned as it is.
+  """
+  n = items.shape[1]
+  earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)  # earlier[j, i]: i comes before j
+  repeat = ((items[:, :, None] == items[:, None, :]) & earlier[None]).any(-1) | (items < 0)
+  order = jnp.argsort(repeat, axis=1, stable=True)  # kept entries first, in score order
+  return (jnp.take_along_axis(jnp.where(repeat, -1, items), order, axis=1),
+          jnp.take_along_axis(jnp.where(repeat, NEG_INF, scores), order, axis=1))

@@ -11,7 +11,7 @@ P4 N@10 = 0.0010 (below its own N@5 0.0070, impossible) and Tools DACT P1 N@5 = 
 (Beauty LSAT), which is not transcribed here.
 """
 
-# Paper row label of each method key of genrec_jax.pipelines.continual.METHOD_RULES.
+# Paper row label of each method key of genrec_jax.methods.dact.METHOD_RULES.
 METHOD_NAMES = {
     "frozen": "Frozen tok + frozen GRM",
     "ft_tok": "FT tok + frozen GRM",

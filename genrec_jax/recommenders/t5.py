@@ -305,12 +305,31 @@ class T5(nnx.Module):
     self.encoder = Stack(cfg, cfg.num_encoder_layers, False, rngs)
     self.decoder = Stack(cfg, cfg.num_decoder_layers, True, rngs)
 
-  def encode(self, tokens: jax.Array, key: jax.Array | None = None
+  def encode(self, tokens: jax.Array | None, key: jax.Array | None = None, *,
+             embeddings: jax.Array | None = None, mask: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array]:
-    """tokens int32 [B, T] (0 = pad) -> (states [B, T, d_model], mask bool [B, T])."""
-    mask = tokens > 0
-    states, _ = self.encoder(self.embed(tokens), mask[:, None, None, :], key)
+    """Encoder states of token ids or of input vectors.
+
+    Either tokens int32 [B, T] (0 = pad), or `embeddings` float [B, T, d_model] (per-position
+    input vectors, e.g. `soft_embeddings` of soft identifiers) with `mask` bool [B, T] (True =
+    a real position). Returns (states [B, T, d_model], mask bool [B, T]).
+    """
+    if (tokens is None) == (embeddings is None):
+      raise ValueError("encode takes either tokens or embeddings (with mask)")
+    if embeddings is None:
+      embeddings, mask = self.embed(tokens), tokens > 0
+    elif mask is None or mask.shape != embeddings.shape[:2]:
+      raise ValueError(f"embedding inputs {embeddings.shape} need a mask of shape "
+                       f"{embeddings.shape[:2]}")
+    states, _ = self.encoder(embeddings, mask[:, None, None, :], key)
     return states, mask
+
+  def soft_embeddings(self, probs: jax.Array, offset: int) -> jax.Array:
+    """Input vectors of soft tokens: probs [..., K] over the K vocabulary entries starting at
+    `offset` (one code level's tokens) -> probs @ those rows of the token table [..., d_model].
+    A one-hot distribution gives exactly the embedding of its token."""
+    rows = jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], offset, probs.shape[-1])
+    return probs @ rows
 
   def decoder_memory(self, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
     """Per-block cross-attention keys/values of encoder states [B, T, d_model], computed once
@@ -355,7 +374,8 @@ class T5(nnx.Module):
     """Decoder states [..., d_model] -> vocabulary logits (tied embedding, T5 rescale)."""
     return (h * self.cfg.d_model ** -0.5) @ self.embed.embedding[...].T
 
-  def __call__(self, tokens, decoder_tokens, key=None):
+  def __call__(self, tokens, decoder_tokens, key=None, *, embeddings=None, mask=None):
+    """Teacher-forced logits [B, S, vocab]; the encoder reads tokens or embeddings (`encode`)."""
     keys = _split(key, 2)
-    encoded, mask = self.encode(tokens, keys[0])
+    encoded, mask = self.encode(tokens, keys[0], embeddings=embeddings, mask=mask)
     return self.decode(encoded, mask, decoder_tokens, keys[1])

@@ -62,6 +62,8 @@ from flax import nnx
 
 from genrec_jax.tokenizers.quantizer import squared_distances, squared_error
 from genrec_jax.tokenizers.rqvae import RQVAE, info_nce
+from genrec_jax.training.sharding import make_mesh, replicate
+from genrec_jax.training.trainer import Trainer
 
 MODES = ("naive", "dact", "reformer")
 
@@ -325,7 +327,7 @@ def _optimizer(cfg: DACTConfig) -> optax.GradientTransformation:
 
 def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | None,
                        cfg: DACTConfig, mode: str, cdim: CDIM | None = None, seed: int = 0,
-                       fixed_codes: np.ndarray | None = None
+                       fixed_codes: np.ndarray | None = None, mesh=None
                        ) -> tuple[RQVAE, CDIM | None, dict]:
   """Fine-tunes the period t-1 tokenizer on the N items of period t.
 
@@ -346,6 +348,7 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
     seed: seeds the fresh CDIM and the batch order.
     fixed_codes: "reformer" only: int [N, L], the codes each old item keeps (its identifier
       without the dedup digit), -1 rows for items new in period t.
+    mesh: devices of the shared train step (`training.trainer.Trainer`; default: all).
 
   Returns:
     (fine-tuned tokenizer, trained CDIM or `cdim` in naive mode, stats) where stats holds
@@ -354,6 +357,7 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  mesh = mesh or make_mesh()
   features = np.asarray(features, np.float32)
   n, latent_dim = features.shape[0], tokenizer.cfg.latent_dim
   if features.ndim != 2 or features.shape[1] != tokenizer.cfg.input_dim:
@@ -386,26 +390,20 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
   else:
     old_latent = teacher = np.zeros((n, 1), np.float32)  # placeholders, unused by the loss
     modules = (tokenizer,)
-  graphdef, params = nnx.split(modules)
-  optimizer = _optimizer(cfg)
-  opt_state = optimizer.init(params)
-  data = tuple(jnp.asarray(a) for a in (features, cf, old_latent, teacher, fixed_codes))
+  names = ("x", "cf", "old_latent", "teacher", "fixed_codes")
+  data = replicate(dict(zip(names, (jnp.asarray(a) for a in (features, cf, old_latent, teacher,
+                                                              fixed_codes)))), mesh)
+
+  def loss_fn(merged, batch, key, data):
+    x, c, o, p_old, fixed = (data[name][batch["idx"]] for name in names)
+    if mode == "dact":
+      return dact_loss(merged[0], merged[1], x, c, o, p_old, cfg)
+    return naive_finetune_loss(merged[0], x, c, cfg, fixed)
+
+  trainer = Trainer(modules, loss_fn, _optimizer(cfg), mesh)
+  params = trainer.init_params
+  opt_state = trainer.init_opt_state(params)
   batch = min(cfg.batch_size, n)
-
-  @jax.jit
-  def step(params, opt_state, data, idx):
-    x, c, o, p_old, fixed = (a[idx] for a in data)
-
-    def loss_fn(p):
-      merged = nnx.merge(graphdef, p)
-      if mode == "dact":
-        return dact_loss(merged[0], merged[1], x, c, o, p_old, cfg)
-      return naive_finetune_loss(merged[0], x, c, cfg, fixed)
-
-    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, parts
-
   rng = np.random.default_rng(seed)
   order, cursor = rng.permutation(n), 0
   t0 = time.time()
@@ -414,8 +412,8 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
   for i in range(cfg.steps):
     if cursor + batch > n:
       order, cursor = rng.permutation(n), 0
-    params, opt_state, parts = step(params, opt_state, data,
-                                    jnp.asarray(order[cursor:cursor + batch]))
+    idx = replicate({"idx": jnp.asarray(order[cursor:cursor + batch])}, mesh)
+    params, opt_state, parts = trainer.train_step(params, opt_state, idx, None, data)
     cursor += batch
     if i == 0:
       jax.block_until_ready(params)
@@ -427,8 +425,9 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
                    (i + 1) / elapsed)
   jax.block_until_ready(params)
   t_end = time.time()
-  merged = nnx.merge(graphdef, params)
-  stats = {"final_losses": {k: float(v) for k, v in parts.items()},
+  merged = trainer.merge(params)
+  stats = {"final_losses": {k: float(v) for k, v in parts.items()
+                            if k not in ("loss", "grad_norm")},
            "seconds": t_end - t0, "steps": cfg.steps,
            "steps_per_second": (cfg.steps - 1) / (t_end - t_compiled)
            if cfg.steps > 1 else 1.0 / (t_end - t0)}

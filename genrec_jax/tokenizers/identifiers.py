@@ -69,6 +69,18 @@ class IdentifierTable:
     out[self.item[first]] = self.tokens()[first]
     return out
 
+  def item_token_sets(self, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every identifier of every item (one-to-many tables): tokens int32 [num_items, m, L + 1]
+    with m the most identifiers any item owns, in table order, 0 rows past an item's count;
+    and count int32 [num_items], the identifiers each item owns."""
+    count = np.bincount(self.item, minlength=num_items).astype(np.int32)
+    out = np.zeros((num_items, max(int(count.max(initial=0)), 1), self.depth), np.int32)
+    order = np.argsort(self.item, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rank = np.arange(len(order)) - starts[self.item[order]]  # position among its item's rows
+    out[self.item[order], rank] = self.tokens()[order]
+    return out, count
+
   def duplicates(self) -> int:
     """Number of identifiers that repeat an earlier one (0 for a valid table)."""
     return int(self.codes.shape[0] - np.unique(self.codes, axis=0).shape[0])

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -84,3 +85,25 @@ def _stored_leaves(metadata):
   flat = jax.tree_util.tree_flatten_with_path(
       metadata, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
   return [(_path_name(path), leaf) for path, leaf in flat]
+
+
+def restore_or_run(directory: str, templates: dict[str, Any], run) -> tuple[dict[str, Any], dict]:
+  """A pipeline stage computed once: restored from `directory` when a run already saved it,
+  else `run()` -> (items, meta) is called and saved there.
+
+  templates: item name -> a pytree of the item's structure, shapes and dtypes (the current
+  model's state), the restore target; a stored item that does not match raises
+  `CheckpointMismatchError`. meta: a JSON-serialisable dict stored beside the items (stage
+  statistics, timings). Returns (items, meta), restored or computed.
+  """
+  ckpt = Checkpoints(directory, tuple(templates), max_to_keep=1)
+  try:
+    if ckpt.latest_step() is not None:
+      items, meta = ckpt.restore(ckpt.latest_step(), templates)
+      logging.info("restored %s", ckpt.directory)
+      return items, meta
+    items, meta = run()
+    ckpt.save(0, items, meta)
+    return items, meta
+  finally:
+    ckpt.close()

@@ -1,7 +1,9 @@
 """Epoch loop shared by every trained model: progress, evaluation, early stopping, resume.
 
-The loop owns no model code. It calls `train_step(params, opt_state, batch, key)` (a jitted pure
-function), evaluates with `evaluate(params) -> metrics` every `eval_every` epochs, keeps the best
+The loop owns no model code. It calls `train_step(params, opt_state, batch, key, epoch)` (a
+jitted pure function returning the new state and a dict of scalar metrics with `loss` and
+`grad_norm`; `training.trainer.Trainer` builds it), stops with an error when an epoch's loss or
+gradient norm is not finite, evaluates with `evaluate(params) -> metrics` every `eval_every` epochs, keeps the best
 parameters by `select_metric` (model selection on validation: the returned parameters are the
 best ones, not the last), stops after `patience` evaluations without improvement, and saves a
 checkpoint (params, optimizer state, best params, loop state) after every epoch. Started again
@@ -45,7 +47,8 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
   Args:
     name: stage name for logs.
     params, opt_state: initial (replicated) state.
-    train_step: (params, opt_state, batch, key) -> (params, opt_state, loss).
+    train_step: (params, opt_state, batch, key, epoch) -> (params, opt_state, metrics), metrics
+      a dict of scalars holding at least `loss` and `grad_norm`.
     epoch_batches: epoch -> iterable of (sharded batch, number of real samples).
     evaluate: params -> validation metrics containing `cfg.select_metric`.
     cfg: loop settings.
@@ -72,17 +75,25 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
   for epoch in range(state["epoch"] + 1, cfg.epochs):
     if state["done"]:
       break
-    t0, losses, samples = time.time(), [], 0
+    t0, step_metrics, samples = time.time(), [], 0
     epoch_key = jax.random.fold_in(base_key, epoch)
     for step, (batch, real) in enumerate(epoch_batches(epoch)):
-      params, opt_state, loss = train_step(params, opt_state, batch,
-                                           jax.random.fold_in(epoch_key, step))
-      losses.append(loss)
+      params, opt_state, metrics = train_step(params, opt_state, batch,
+                                              jax.random.fold_in(epoch_key, step), epoch)
+      step_metrics.append(metrics)
       samples += real
-    loss = float(np.mean(jax.device_get(losses)))
+    if not step_metrics:
+      raise ValueError(f"[{name}] epoch {epoch + 1} has no training batches")
+    means = {k: float(np.mean(v)) for k, v in jax.device_get(
+        jax.tree.map(lambda *xs: list(xs), *step_metrics)).items()}
+    if not all(np.isfinite(v) for v in means.values()):
+      raise FloatingPointError(
+          f"[{name}] epoch {epoch + 1}: non-finite training metrics {means}; lower the "
+          f"learning rate or check the inputs for NaN/inf (the last saved checkpoint is kept)")
+    loss = means["loss"]
     seconds = time.time() - t0
     state["train_seconds"] += seconds
-    record = {"epoch": epoch, "loss": loss, "samples_per_s": samples / max(seconds, 1e-9)}
+    record = {"epoch": epoch, **means, "samples_per_s": samples / max(seconds, 1e-9)}
     over_budget = (cfg.max_train_seconds is not None and
                    state["train_seconds"] >= cfg.max_train_seconds)
     if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1 or over_budget:
@@ -98,8 +109,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
     state["history"].append(record)
     state["epoch"] = epoch
     remaining = (cfg.epochs - epoch - 1) * seconds
-    logging.info("[%s] epoch %d/%d loss %.4f  %.0f samples/s  %.1fs  %s  ETA <= %.0fs",
-                 name, epoch + 1, cfg.epochs, loss, record["samples_per_s"], seconds,
+    logging.info("[%s] epoch %d/%d loss %.4f  |grad| %.3g  %.0f samples/s  %.1fs  %s  "
+                 "ETA <= %.0fs", name, epoch + 1, cfg.epochs, loss, record["grad_norm"],
+                 record["samples_per_s"], seconds,
                  _fmt(record.get("valid")), remaining)
     ckpt.save(epoch, {"params": params, "opt_state": opt_state,
                       "best_params": params if best_params is None else best_params}, state)

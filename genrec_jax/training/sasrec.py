@@ -14,6 +14,7 @@ freshly initialised rows (METHODS.md section 4).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from genrec_jax.data.batching import bucketed_batches
+from genrec_jax.data.batching import sample_batches
 from genrec_jax.data.splits import SampleSet
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.recommenders.sasrec import SASRec, SASRecConfig
 from genrec_jax.training import loop
 from genrec_jax.training.optim import make_optimizer
 from genrec_jax.training.sharding import check_batch_size, replicate, shard_batch
+from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,102 +47,96 @@ class SASRecTrainConfig:
   loop: loop.LoopConfig = loop.LoopConfig(epochs=200, patience=10)
 
 
-def _batches(samples: SampleSet, batch_size, buckets, *, seed=None, epoch=0):
-  """(batch, idx) with `seq` [B, slots] (item + 1, 0 = pad) and, for training windows,
-  `targets` [B, slots] (item index, -1 = none)."""
-  for slots, idx in bucketed_batches(samples.lengths, batch_size, buckets, seed=seed,
-                                     epoch=epoch):
-    rows = np.maximum(idx, 0)
-    width = samples.history.shape[1]
-    seq = samples.history[rows][:, width - slots:] + 1
-    seq[idx < 0] = 0
-    batch = {"seq": seq.astype(np.int32)}
-    if samples.target.ndim == 2:
-      targets = samples.target[rows][:, width - slots:].copy()
-      targets[idx < 0] = -1
-      batch["targets"] = targets
-    yield batch, idx
+LOSSES = ("ce", "bce")
+
+
+def sasrec_loss(model: SASRec, batch: dict, key: jax.Array | None, context: dict,
+                loss: str = "ce") -> tuple[jax.Array, dict]:
+  """Next-item loss averaged over the positions with a target.
+
+  batch: `history` int32 [B, slots] items (-1 = padding), `target` int32 [B, slots] the next
+  item at every position (-1 = none); context: `known` bool [num_items], the items that exist
+  (the others get no softmax mass and are never sampled as negatives). "ce": full softmax over
+  the known items; "bce": the target against one uniformly sampled known item. Returns
+  (loss, {}).
+  """
+  known = context["known"]
+  drop_key, neg_key = (None, None) if key is None else jax.random.split(key)
+  hidden = model(batch["history"] + 1, drop_key)  # model ids: item + 1, 0 = padding
+  targets = batch["target"]
+  valid = targets >= 0
+  safe = jnp.maximum(targets, 0)
+  if loss == "ce":
+    logits = jnp.where(known, model.logits(hidden), -jnp.inf)  # unknown items: no mass
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  else:
+    table = model.item_embeddings()
+    known_ids = jnp.nonzero(known, size=known.shape[0])[0]  # known items first
+    negatives = known_ids[jax.random.randint(neg_key, targets.shape, 0, known.sum())]
+    pos = jnp.sum(hidden * table[safe], -1)
+    neg = jnp.sum(hidden * table[negatives], -1)
+    nll = -jax.nn.log_sigmoid(pos) - jax.nn.log_sigmoid(-neg)
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1), {}
 
 
 class SASRecTrainer:
   """Trains SASRec on training windows and ranks items for evaluation samples."""
 
   def __init__(self, model_cfg: SASRecConfig, cfg: SASRecTrainConfig, mesh, seed: int = 0):
-    if cfg.loss not in ("ce", "bce"):
-      raise ValueError(f"SASRec loss must be 'ce' or 'bce', got {cfg.loss!r}")
+    if cfg.loss not in LOSSES:
+      raise ValueError(f"SASRec loss must be one of {LOSSES}, got {cfg.loss!r}")
     if max(cfg.length_buckets) != model_cfg.max_len:
       raise ValueError(f"the largest SASRec length bucket {max(cfg.length_buckets)} must equal "
                        f"max_len {model_cfg.max_len}")
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh)
     self.model_cfg, self.cfg, self.mesh = model_cfg, cfg, mesh
-    self.graphdef, params = nnx.split(SASRec(model_cfg, rngs=nnx.Rngs(seed)))
-    self.init_params = replicate(params, mesh)
-    self.optimizer = make_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
-                                    cfg.grad_clip)
-    self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
+    self.trainer = Trainer(SASRec(model_cfg, rngs=nnx.Rngs(seed)),
+                           functools.partial(sasrec_loss, loss=cfg.loss),
+                           make_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
+                                          cfg.grad_clip), mesh)
+    self.init_params = self.trainer.init_params
     self._top_items = jax.jit(self._top, static_argnames=("k",))
 
-  def _known(self, known_items: np.ndarray | None) -> jax.Array:
-    """Replicated bool [num_items] mask of the items that exist (default: all)."""
+  def _known(self, known_items: np.ndarray | None) -> np.ndarray:
+    """bool [num_items] mask of the items that exist (default: all)."""
     if known_items is None:
-      known_items = np.ones(self.model_cfg.num_items, bool)
+      return np.ones(self.model_cfg.num_items, bool)
     known_items = np.asarray(known_items, bool)
     if known_items.shape != (self.model_cfg.num_items,) or not known_items.any():
       raise ValueError(f"known_items must be a non-empty bool mask of shape "
                        f"[{self.model_cfg.num_items}], got {known_items.shape}")
-    return replicate(jnp.asarray(known_items), self.mesh)
+    return known_items
 
-  def _loss(self, params, batch, key, known):
-    model = nnx.merge(self.graphdef, params)
-    drop_key, neg_key = jax.random.split(key)
-    hidden = model(batch["seq"], drop_key)
-    targets = batch["targets"]
-    valid = targets >= 0
-    safe = jnp.maximum(targets, 0)
-    if self.cfg.loss == "ce":
-      logits = jnp.where(known, model.logits(hidden), -jnp.inf)  # unknown items: no mass
-      nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-    else:
-      table = model.item_embeddings()
-      known_ids = jnp.nonzero(known, size=known.shape[0])[0]  # known items first
-      negatives = known_ids[jax.random.randint(neg_key, targets.shape, 0, known.sum())]
-      pos = jnp.sum(hidden * table[safe], -1)
-      neg = jnp.sum(hidden * table[negatives], -1)
-      nll = -jax.nn.log_sigmoid(pos) - jax.nn.log_sigmoid(-neg)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
-
-  def _step(self, params, opt_state, batch, key, known):
-    loss, grads = jax.value_and_grad(self._loss)(params, batch, key, known)
-    updates, opt_state = self.optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  def _top(self, params, seq, known, *, k):
-    model = nnx.merge(self.graphdef, params)
-    return jax.lax.top_k(jnp.where(known, model.logits(model(seq)[:, -1]), -jnp.inf), k)[1]
+  def _top(self, params, history, known, *, k):
+    model = self.trainer.merge(params)
+    logits = model.logits(model(history + 1)[:, -1])
+    return jax.lax.top_k(jnp.where(known, logits, -jnp.inf), k)[1]
 
   def train(self, windows: SampleSet, valid: SampleSet, checkpoint_dir: str, params=None,
             loop_cfg: loop.LoopConfig | None = None, known_items: np.ndarray | None = None):
     """Trains from `params` (default fresh) on windows; returns (best params, loop state).
 
     known_items: bool [num_items], the items that exist now (default all): the others are
-    left out of the softmax, the negatives and the validation ranking.
+    left out of the softmax, the negatives and the validation ranking; a training target
+    outside them is an error.
     """
     loop_cfg = loop_cfg or self.cfg.loop
-    params = self.init_params if params is None else params
-    opt_state = replicate(self.optimizer.init(params), self.mesh)
     known = self._known(known_items)
+    targets = windows.target[windows.target >= 0]
+    if targets.size and not known[targets].all():
+      raise ValueError(f"{int((~known[targets]).sum())} SASRec training targets are items "
+                       f"outside known_items; mark every item of the training data as known")
 
     def epoch_batches(epoch):
-      for batch, idx in _batches(windows, self.cfg.batch_size, self.cfg.length_buckets,
-                                 seed=loop_cfg.seed, epoch=epoch):
+      for batch, idx in sample_batches(windows, self.cfg.batch_size, self.cfg.length_buckets,
+                                       seed=loop_cfg.seed, epoch=epoch):
         yield shard_batch(batch, self.mesh), int((idx >= 0).sum())
 
-    return loop.fit(name="sasrec", params=params, opt_state=opt_state,
-                    train_step=lambda p, o, b, k: self._train_step(p, o, b, k, known),
-                    epoch_batches=epoch_batches,
-                    evaluate=lambda p: self.evaluate(p, valid, known_items), cfg=loop_cfg,
-                    checkpoint_dir=checkpoint_dir, mesh=self.mesh)
+    return self.trainer.fit(name="sasrec", epoch_batches=epoch_batches,
+                            evaluate=lambda p: self.evaluate(p, valid, known_items),
+                            loop_cfg=loop_cfg, checkpoint_dir=checkpoint_dir, params=params,
+                            context={"known": jnp.asarray(known)})
 
   def reset_item_rows(self, params, items: np.ndarray, seed: int):
     """`params` with the embedding rows of `items` (int [M]) set to a fresh initialisation
@@ -148,7 +144,7 @@ class SASRecTrainer:
     _, fresh = nnx.split(SASRec(self.model_cfg, rngs=nnx.Rngs(seed)))
     rows = jnp.asarray(items, jnp.int32) + 1  # row 0 is padding
     params = jax.tree.map(lambda leaf: leaf, params)  # new containers: the caller's stay as is
-    table = params["item_embed"]["embedding"]
+    table = params[MODEL_GROUP]["item_embed"]["embedding"]
     table[...] = table[...].at[rows].set(fresh["item_embed"]["embedding"][...][rows])
     return params
 
@@ -168,10 +164,12 @@ class SASRecTrainer:
            known_items: np.ndarray | None = None) -> np.ndarray:
     """Top-k item indices int32 [S, k] over the catalog (the known items, default all) for
     each sample's history."""
-    known = self._known(known_items)
+    known = replicate(jnp.asarray(self._known(known_items)), self.mesh)
     out = np.zeros((len(samples), k), np.int32)
-    for batch, idx in _batches(samples, self.cfg.eval_batch_size, self.cfg.length_buckets):
-      top = self._top_items(params, shard_batch(batch, self.mesh)["seq"], known, k=k)
+    for batch, idx in sample_batches(samples, self.cfg.eval_batch_size,
+                                     self.cfg.length_buckets):
+      history = shard_batch({"history": batch["history"]}, self.mesh)["history"]
+      top = self._top_items(params, history, known, k=k)
       out[idx[idx >= 0]] = np.asarray(jax.device_get(top))[idx >= 0]
     return out
 
@@ -182,4 +180,4 @@ class SASRecTrainer:
 
   def item_embeddings(self, params) -> np.ndarray:
     """CF embeddings [num_items, hidden_dim] of trained parameters."""
-    return np.asarray(jax.device_get(nnx.merge(self.graphdef, params).item_embeddings()))
+    return np.asarray(jax.device_get(self.trainer.merge(params).item_embeddings()))

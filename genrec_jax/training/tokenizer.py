@@ -28,6 +28,8 @@ from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, co
                                                one_to_one_table)
 from genrec_jax.tokenizers.quantizer import balanced_kmeans, code_usage, letter_group_sizes
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, rqvae_losses
+from genrec_jax.training.sharding import make_mesh, replicate
+from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
 UNITS = ("steps", "epochs")
 SELECTIONS = ("last", "min_collision")
@@ -91,8 +93,10 @@ def _codeword_groups(codebooks: jax.Array, num_groups: int, seed: int) -> jax.Ar
 
 
 def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features: np.ndarray,
-                    cf: np.ndarray | None = None, seed: int = 0) -> tuple[RQVAE, dict]:
-  """Trains an RQ-VAE on item vectors features [N, D_in] (cf [N, d] for LETTER).
+                    cf: np.ndarray | None = None, seed: int = 0, mesh=None
+                    ) -> tuple[RQVAE, dict]:
+  """Trains an RQ-VAE on item vectors features [N, D_in] (cf [N, d] for LETTER) with the
+  shared train step (`training.trainer.Trainer`; `mesh` default: every device).
 
   Returns the selected model and a dict of training diagnostics (final losses, steps,
   seconds; with "min_collision" selection the evaluated collision rates and the chosen step).
@@ -123,24 +127,25 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   key = jax.random.key(seed)
   model = RQVAE(model_cfg, rngs=nnx.Rngs(seed))
   x_all = jnp.asarray(features)
-  cf_all = jnp.asarray(cf, jnp.float32) if cf is not None else jnp.zeros((n, 1))
   model.quantizer.init_kmeans(model.encoder(x_all), jax.random.fold_in(key, 1),
                               iterations=cfg.kmeans_iterations)
-  graphdef, params = nnx.split(model)
-  optimizer = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
-  opt_state = optimizer.init(params)
+  mesh = mesh or make_mesh()
+  use_cf = model_cfg.cf_weight > 0
+
+  def loss_fn(model, batch, step_key, context):
+    idx = batch["idx"]
+    return rqvae_losses(model, context["x"][idx], context["cf"][idx] if use_cf else None,
+                        context["groups"], step_key)
+
+  trainer = Trainer(model, loss_fn, optax.adamw(cfg.learning_rate,
+                                                weight_decay=cfg.weight_decay), mesh)
+  params = trainer.init_params
+  opt_state = trainer.init_opt_state(params)
+  context = replicate({"x": x_all, "cf": jnp.asarray(cf if use_cf else np.zeros((n, 1)),
+                                                     jnp.float32)}, mesh)
   batch = min(cfg.batch_size, n)
   refresh_every = cfg.diversity_refresh_steps or max(1, n // batch)
   eval_steps = cfg.eval_every * per_unit
-
-  @jax.jit
-  def step(params, opt_state, idx, groups, step_key):
-    def loss_fn(p):
-      return rqvae_losses(nnx.merge(graphdef, p), x_all[idx],
-                          cf_all[idx] if model_cfg.cf_weight > 0 else None, groups, step_key)
-    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, parts
 
   rng = np.random.default_rng(seed)
   order, cursor = rng.permutation(n), 0
@@ -155,33 +160,35 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
     if i in cfg.kmeans_refresh_steps:
       # The first updates move the encoder away from the latents the codebooks were fitted to,
       # and most level-1 codes die; fitting them again once the encoder has moved keeps them.
-      model = nnx.merge(graphdef, params)
+      model = trainer.merge(params)
       model.quantizer.init_kmeans(model.encoder(x_all), jax.random.fold_in(key, 3 + i),
                                   iterations=cfg.kmeans_iterations)
-      params = nnx.state(model)
+      params = replicate({MODEL_GROUP: nnx.state(model)}, mesh)
     if model_cfg.diversity_weight > 0 and i % refresh_every == 0:
-      groups = _codeword_groups(nnx.merge(graphdef, params).quantizer.codebooks[...],
+      groups = _codeword_groups(trainer.merge(params).quantizer.codebooks[...],
                                 cfg.diversity_groups, seed + i)
-    params, opt_state, parts = step(params, opt_state, jnp.asarray(idx), groups,
-                                    jax.random.fold_in(key, 10_000_000 + i))
+    params, opt_state, parts = trainer.train_step(
+        params, opt_state, replicate({"idx": jnp.asarray(idx)}, mesh),
+        jax.random.fold_in(key, 10_000_000 + i), {**context, "groups": groups})
     if cfg.selection == "min_collision" and ((i + 1) % eval_steps == 0 or i + 1 == steps):
-      rate = collision_rate(encode_items(nnx.merge(graphdef, params), features))
+      rate = collision_rate(encode_items(trainer.merge(params), features))
       evaluations.append({"step": i + 1, "collision_rate": rate})
       logging.info("[tokenizer] step %d collision rate %.4f", i + 1, rate)
       if best is None or rate < best[0]:
-        best = (rate, i + 1, jax.tree.map(jnp.copy, params))
+        best = (rate, i + 1, jax.tree.map(jnp.copy, params))  # the next step donates params
     if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
       elapsed = time.time() - t0
       logging.info("[tokenizer] step %d/%d %s  %.0f steps/s  ETA %.0fs", i + 1, steps,
                    " ".join(f"{k} {float(v):.4f}" for k, v in parts.items()),
                    (i + 1) / elapsed, elapsed / (i + 1) * (steps - i - 1))
+  parts = {k: v for k, v in parts.items() if k not in ("loss", "grad_norm")}
   stats = {"final_losses": {k: float(v) for k, v in parts.items()}, "steps": steps,
            "seconds": time.time() - t0}
   if best is not None:
     params = best[2]
     stats.update(selected_step=best[1], collision_evaluations=evaluations)
     logging.info("[tokenizer] kept step %d (lowest collision rate %.4f)", best[1], best[0])
-  return nnx.merge(graphdef, params), stats
+  return trainer.merge(params), stats
 
 
 @nnx.jit

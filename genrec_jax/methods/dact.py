@@ -5,7 +5,7 @@ pre-trains the CF model (SASRec), the collaborative tokenizer (RQ-VAE + LETTER I
 T5 recommender; each later period t adapts them with a method's three rules and is evaluated on
 its test targets with its own identifier table.
 
-A method is a triple of rules (`METHOD_RULES`):
+A method is a set of three rules (`Rules`, one per method in `METHOD_RULES`):
   tokenizer   frozen | naive (fine-tune on period t) | dact (CDIM, differentiated update) |
               reformer (fine-tune on period t with old items held at their identifiers' codes)
   identifiers keep (old identifiers fixed, new items encoded) | reencode (all items anew) |
@@ -19,6 +19,7 @@ WORKDIR/checkpoints/..., so an interrupted run resumes in the period where it st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -37,27 +38,36 @@ from genrec_jax.data.periods import (SECONDS_PER_DAY, Period, continual_split, p
 from genrec_jax.data.splits import subsample
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.evaluation.report import write_report
-from genrec_jax.pipelines.static import (check_workdir_config, grm_trainer, item_features,
-                                         load_dataset, rqvae_config, sasrec_trainer,
-                                         tokenizer_train_config, write_json)
+from genrec_jax.stages import (grm_trainer, item_features, load_dataset, rqvae_config,
+                               sasrec_trainer, start_run, tokenizer_train_config, write_json)
 from genrec_jax.tokenizers import reassign
 from genrec_jax.tokenizers.dact import CDIM, DACTConfig, finetune_tokenizer
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, write_identifiers_csv
 from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE
-from genrec_jax.training.checkpoint import Checkpoints
+from genrec_jax.training.checkpoint import restore_or_run
+from genrec_jax.training.grm import GRMTrainer
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sharding import make_mesh
 from genrec_jax.training.tokenizer import encode_items, train_tokenizer
 
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """How a continual method adapts each part in period t (values: the module docstring)."""
+
+  tokenizer: str
+  identifiers: str
+  recommender: str
+
+
 METHOD_RULES = {  # keys: config.CONTINUAL_METHODS
-    "frozen": ("frozen", "keep", "frozen"),
-    "ft_tok": ("naive", "reencode", "frozen"),
-    "ft_grm": ("frozen", "keep", "finetune"),
-    "ft_both": ("naive", "reencode", "finetune"),
-    "ft_tok_rt_grm": ("naive", "reencode", "retrain"),
-    "reformer": ("reformer", "reformer", "finetune"),
-    "dact": ("dact", "hierarchical", "finetune"),
+    "frozen": Rules(tokenizer="frozen", identifiers="keep", recommender="frozen"),
+    "ft_tok": Rules(tokenizer="naive", identifiers="reencode", recommender="frozen"),
+    "ft_grm": Rules(tokenizer="frozen", identifiers="keep", recommender="finetune"),
+    "ft_both": Rules(tokenizer="naive", identifiers="reencode", recommender="finetune"),
+    "ft_tok_rt_grm": Rules(tokenizer="naive", identifiers="reencode", recommender="retrain"),
+    "reformer": Rules(tokenizer="reformer", identifiers="reformer", recommender="finetune"),
+    "dact": Rules(tokenizer="dact", identifiers="hierarchical", recommender="finetune"),
 }
 
 
@@ -70,10 +80,10 @@ def _quantized(tokenizer: RQVAE, features: jax.Array) -> jax.Array:
 class ContinualRun:
   """State and stages of one continual run (one dataset, several methods)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
     check_config(config)  # unknown methods, missing files, CF vs latent size, ...
     self.config, self.workdir = config, workdir
-    self.mesh = make_mesh()
+    self.mesh = mesh or make_mesh()
     self.inter = load_dataset(config, workdir)
     # Appended periods: new users/items get the next indices, so stored state stays valid.
     self.item_chunks = [self.inter.item_ids]  # raw ids of the items each data file added
@@ -93,11 +103,11 @@ class ContinualRun:
     chunk_ends = np.cumsum([len(c) for c in self.item_chunks])
     self.cf_rows = [int(chunk_ends[max(0, t - base_periods + 1)])
                     for t in range(len(self.periods))]
-    self.t = config.tokenizer
-    self.dedup_size = self.t.dedup_size
-    self.level_sizes = (self.t.codebook_size,) * self.t.num_levels + (self.dedup_size,)
+    self.tokenizer_cfg = config.tokenizer
+    self.dedup_size = self.tokenizer_cfg.dedup_size
+    self.level_sizes = (self.tokenizer_cfg.codebook_size,) * self.tokenizer_cfg.num_levels + (self.dedup_size,)
     self.dact_cfg = DACTConfig(**config.continual.dact.to_dict())
-    self.grm = None  # built once the vocabulary is known
+    self.recommender: GRMTrainer | None = None  # built once the vocabulary is known
     self.cf: list[np.ndarray] = []
     self.tokenizers: dict[tuple[str, int], tuple[RQVAE, CDIM | None]] = {}
     self.tokenizer_seconds: dict[tuple[str, int], float] = {}
@@ -176,33 +186,30 @@ class ContinualRun:
     model_cfg = rqvae_config(self.config, features.shape[1])
     template = RQVAE(model_cfg, rngs=nnx.Rngs(0))
     cdim_template = CDIM.from_config(model_cfg.latent_dim, self.dact_cfg, rngs=nnx.Rngs(0))
-    ckpt = Checkpoints(self.ckpt_dir("tokenizer", f"{key[0]}_{key[1]}"),
-                       ("tokenizer", "cdim"), max_to_keep=1)
-    if ckpt.latest_step() is not None:
-      items, meta = ckpt.restore(0, {"tokenizer": nnx.state(template),
-                                     "cdim": nnx.state(cdim_template)})
-      nnx.update(template, items["tokenizer"])
-      nnx.update(cdim_template, items["cdim"])
-      state = (template, cdim_template if key[0] == "dact" else None)
-      seconds = meta["seconds"]
-    else:
+
+    def run():
       start = time.time()
       if key[1] == 0:
         model, _ = train_tokenizer(model_cfg, tokenizer_train_config(self.config), features,
                                    cf, seed=self.config.seed)
-        state = (model, None)
+        cdim = None
       else:
         previous, cdim = self.tokenizer_state(key[0], key[1] - 1)
         fixed_codes = (self.held_codes(key[1]) if key[0] == "reformer" else None)
         model, cdim, _ = finetune_tokenizer(
             previous, features, cf, self.dact_cfg, key[0], cdim=cdim,
             seed=self.config.seed + key[1], fixed_codes=fixed_codes)
-        state = (model, cdim)
-      seconds = time.time() - start
-      ckpt.save(0, {"tokenizer": nnx.state(state[0]),
-                    "cdim": nnx.state(state[1] if state[1] is not None else cdim_template)},
-                {"seconds": seconds})
-    ckpt.close()
+      return ({"tokenizer": nnx.state(model),
+               "cdim": nnx.state(cdim if cdim is not None else cdim_template)},
+              {"seconds": time.time() - start})
+
+    items, meta = restore_or_run(
+        self.ckpt_dir("tokenizer", f"{key[0]}_{key[1]}"),
+        {"tokenizer": nnx.state(template), "cdim": nnx.state(cdim_template)}, run)
+    nnx.update(template, items["tokenizer"])
+    nnx.update(cdim_template, items["cdim"])
+    state = (template, cdim_template if key[0] == "dact" else None)
+    seconds = meta["seconds"]
     self.tokenizers[key] = state
     self.tokenizer_seconds[key] = seconds
     return state
@@ -212,7 +219,7 @@ class ContinualRun:
     table, -1 rows for items new in period t -> int [C_t, L]."""
     previous = self.identifier_table("reformer", "reformer", t - 1)
     catalog = self.periods[t].catalog
-    codes = np.full((len(catalog), self.t.num_levels), -1, np.int32)
+    codes = np.full((len(catalog), self.tokenizer_cfg.num_levels), -1, np.int32)
     rows = np.searchsorted(catalog, previous.item)  # catalogs are sorted and only grow
     codes[rows] = previous.codes[:, :-1]
     return codes
@@ -232,7 +239,7 @@ class ContinualRun:
       if id_rule == "keep":
         table = reassign.keep_and_extend(previous, catalog, codes)
       elif id_rule == "reencode":
-        table = reassign.reencode_all(codes, catalog, self.dedup_size, self.t.codebook_size)
+        table = reassign.reencode_all(codes, catalog, self.dedup_size, self.tokenizer_cfg.codebook_size)
       elif id_rule == "reformer":
         table = reassign.keep_and_extend(previous, catalog, codes)
       elif id_rule == "hierarchical":
@@ -255,7 +262,7 @@ class ContinualRun:
   def evaluate(self, params, table: IdentifierTable, t: int) -> dict:
     """Test metrics of period t: all targets, warm (items known before t) and cold (new)."""
     test = self.periods[t].test
-    ranks = target_ranks(self.grm.rank(params, table, self.num_items, test), test.target)
+    ranks = target_ranks(self.recommender.rank(params, table, self.num_items, test), test.target)
     cold = np.isin(test.target, self.periods[t].new_items)
     out = {"test": metrics_from_ranks(ranks)}
     for name, mask in (("warm", ~cold), ("cold", cold)):
@@ -282,7 +289,7 @@ class ContinualRun:
       raise ValueError(f"unknown recommender rule {mode!r}")
     start = time.time()
     selection = subsample(period.valid, self.config.grm.valid_users, self.config.seed)
-    params, _ = self.grm.train(table, self.num_items, train, selection,
+    params, _ = self.recommender.train(table, self.num_items, train, selection,
                                self.ckpt_dir(name, f"period_{t}", "grm"), params=params,
                                loop_cfg=loop_cfg)
     return params, time.time() - start
@@ -305,9 +312,9 @@ class ContinualRun:
     self.features = self.tokenizer_inputs()
 
     base_table = self.identifier_table("frozen", "keep", 0)
-    self.grm = grm_trainer(self.config, base_table.vocab_size, self.mesh)
+    self.recommender = grm_trainer(self.config, base_table.vocab_size, self.mesh)
     start = time.time()
-    base_params, base_state = self.grm.train(
+    base_params, base_state = self.recommender.train(
         base_table, self.num_items, self.periods[0].train,
         subsample(self.periods[0].valid, self.config.grm.valid_users, self.config.seed),
         self.ckpt_dir("period_0", "grm"))
@@ -317,7 +324,7 @@ class ContinualRun:
                  "best_epoch": base_state["best_epoch"] + 1,
                  "seconds": time.time() - start,
                  "tokenizer_seconds": self.tokenizer_seconds[("frozen", 0)],
-                 "code_usage": code_usage(base_table.codes[:, :-1], self.t.codebook_size)})
+                 "code_usage": code_usage(base_table.codes[:, :-1], self.tokenizer_cfg.codebook_size)})
     logging.info("[period 0] test %s", _fmt(results["period_0"]["test"]))
     results["timing"]["period_0"] = time.time() - start
 
@@ -331,7 +338,8 @@ class ContinualRun:
     return results
 
   def run_method(self, name: str, base_params, base_table: IdentifierTable) -> dict:
-    tok_rule, id_rule, grm_rule = METHOD_RULES[name]
+    rules = METHOD_RULES[name]
+    tok_rule, id_rule, grm_rule = rules.tokenizer, rules.identifiers, rules.recommender
     out_dir = os.path.join(self.workdir, name)
     write_identifiers_csv(os.path.join(out_dir, "period_0", "identifiers.csv"), base_table,
                           self.inter.item_ids)
@@ -357,7 +365,7 @@ class ContinualRun:
                    _fmt(row["test"]), row["code_change"]["overall"], time.time() - start)
       rows.append(row)
       previous = table
-    return {"rules": {"tokenizer": tok_rule, "identifiers": id_rule, "recommender": grm_rule},
+    return {"rules": dataclasses.asdict(rules),
             "periods": rows}
 
 
@@ -392,11 +400,8 @@ def analyses(results: dict) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every configured method across the periods; writes WORKDIR/results.json."""
-  check_config(config)  # before the workdir is created: a bad config leaves nothing behind
-  os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(config, workdir, ("continual.methods", "continual.new_periods"))
-  logging.info("devices: %d x %s", jax.device_count(), jax.devices()[0].platform)
-  return ContinualRun(config, workdir).run()
+  mesh = start_run(config, workdir, ("continual.methods", "continual.new_periods"))
+  return ContinualRun(config, workdir, mesh).run()
 
 
 def _fmt(metrics: dict) -> str:

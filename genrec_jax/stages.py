@@ -1,12 +1,10 @@
-"""Single-period pipeline: TIGER, LETTER and the SASRec baseline (PROTOCOLS.md section 1).
+"""Stages shared by every method: run setup, data, the CF model, tokenizer inputs, the
+tokenizer, the recommender, results.
 
-Stages, each resumable from WORKDIR:
-  data        read + 5-core + leave-one-out (optionally through a prepared TFDS dataset)
-  sasrec      CF model (LETTER's collaborative signal, or the discriminative baseline)
-  embeddings  tokenizer input: MiniLM text vectors (cached), a user file, or CF embeddings
-  tokenizer   RQ-VAE (+ LETTER regularizers) and the unique identifier table
-  grm         T5 recommender, model selection on validation, test with beam search
-Outputs: WORKDIR/results.json, WORKDIR/identifiers.csv, WORKDIR/checkpoints/<stage>.
+Each stage is a library function that a method module (`genrec_jax.methods`) composes; stages
+that train are resumable from WORKDIR (`training.checkpoint.restore_or_run` for stages computed
+at once, the epoch loop's checkpoints for trained models). Outputs: WORKDIR/results.json,
+WORKDIR/config.json, WORKDIR/checkpoints/<stage>.
 """
 
 from __future__ import annotations
@@ -24,12 +22,12 @@ from flax import nnx
 from genrec_jax.config import ConfigError, check_config
 from genrec_jax.data import leave_one_out, load_interactions
 from genrec_jax.data.interactions import Interactions, index_interactions, k_core_filter
-from genrec_jax.data.splits import subsample, training_windows
+from genrec_jax.data.splits import StaticSplit, subsample, training_windows
 from genrec_jax.recommenders.sasrec import SASRecConfig
 from genrec_jax.recommenders.t5 import T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, write_identifiers_csv
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig
-from genrec_jax.training.checkpoint import Checkpoints
+from genrec_jax.training.checkpoint import restore_or_run
 from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer
@@ -37,7 +35,108 @@ from genrec_jax.training.sharding import make_mesh
 from genrec_jax.training.tokenizer import (TokenizerTrainConfig, assign_identifiers,
                                            train_tokenizer)
 
-METHODS = ("tiger", "letter", "sasrec")
+
+class Timer:
+  """Seconds per stage for results.json's `timing`: `lap(name)` records the time since the
+  previous lap (or the start)."""
+
+  def __init__(self):
+    self.start = self.last = time.time()
+    self.seconds: dict[str, float] = {}
+
+  def lap(self, name: str) -> None:
+    now = time.time()
+    self.seconds[name] = now - self.last
+    self.last = now
+
+  def summary(self) -> dict[str, float]:
+    return {**self.seconds, "total": time.time() - self.start}
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str,
+              may_change: tuple[str, ...] = ()) -> jax.sharding.Mesh:
+  """Checks the config (before anything is written: a bad config leaves nothing behind),
+  creates WORKDIR, checks it against a stored run's config and returns the device mesh."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir, may_change)
+  mesh = make_mesh()
+  logging.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform,
+               dict(mesh.shape))
+  return mesh
+
+
+def static_data(config: ml_collections.ConfigDict, workdir: str
+                ) -> tuple[Interactions, StaticSplit, dict]:
+  """The dataset and its leave-one-out split (PROTOCOLS.md section 1), with the results
+  header (dataset statistics, method, config, devices)."""
+  inter = load_dataset(config, workdir)
+  stats = inter.stats()
+  logging.info("[data] %s: %d users, %d items, %d interactions", config.data.name,
+               stats["users"], stats["items"], stats["interactions"])
+  split = leave_one_out(inter, config.data.max_history)
+  logging.info("[data] samples: %d train, %d valid, %d test", len(split.train),
+               len(split.valid), len(split.test))
+  results = {"dataset": {"name": config.data.name, **stats}, "method": config.method,
+             "config": config.to_dict(), "devices": jax.device_count()}
+  return inter, split, results
+
+
+def cf_model(config: ml_collections.ConfigDict, inter: Interactions, mesh, workdir: str
+             ) -> tuple[np.ndarray, dict]:
+  """SASRec on every user's training windows (stage `sasrec`): its item embeddings
+  [num_items, hidden_dim] (collaborative signal, or CF tokenizer inputs) and its
+  validation/test metrics (the discriminative baseline)."""
+  trainer = sasrec_trainer(config, inter.num_items, mesh)
+  long_split = leave_one_out(inter, config.sasrec.max_len)
+  params, loop_state = trainer.train(training_windows(inter, config.sasrec.max_len),
+                                     long_split.valid,
+                                     os.path.join(workdir, "checkpoints", "sasrec"))
+  metrics = {"valid": trainer.evaluate(params, long_split.valid),
+             "test": trainer.evaluate(params, long_split.test),
+             "best_epoch": loop_state["best_epoch"] + 1}
+  logging.info("[sasrec] test %s", fmt(metrics["test"]))
+  return trainer.item_embeddings(params), metrics
+
+
+def item_tokenizer(config: ml_collections.ConfigDict, inter: Interactions, workdir: str,
+                   cf: np.ndarray | None, timer: Timer) -> tuple[IdentifierTable, dict]:
+  """Tokenizer inputs (timed as `embeddings`), the trained tokenizer and its identifier table
+  (stage `tokenizer`, WORKDIR/identifiers.csv), with the tokenizer's statistics."""
+  features = item_features(config, inter.item_ids, cf)
+  timer.lap("embeddings")
+  table, stats = train_or_restore_tokenizer(config, workdir, features, cf)
+  write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), table, inter.item_ids)
+  timer.lap("tokenizer")
+  return table, {**stats, "input": config.embeddings.source}
+
+
+def generative_recommender(config: ml_collections.ConfigDict, table: IdentifierTable,
+                           split: StaticSplit, mesh, workdir: str, timer: Timer) -> dict:
+  """The T5 recommender over `table` (stage `grm`): trained with model selection on
+  `grm.valid_users` validation users (timed as `grm_train`), then tested with beam search
+  (`grm_eval`). Returns the metrics and the per-epoch history."""
+  trainer = grm_trainer(config, table.vocab_size, mesh)
+  selection = subsample(split.valid, config.grm.valid_users, config.seed)
+  params, loop_state = trainer.train(table, split.num_items, split.train, selection,
+                                     os.path.join(workdir, "checkpoints", "grm"))
+  timer.lap("grm_train")
+  metrics = {"valid": trainer.evaluate(params, table, split.num_items, selection),
+             "valid_users": len(selection),
+             "test": trainer.evaluate(params, table, split.num_items, split.test),
+             "best_epoch": loop_state["best_epoch"] + 1,
+             "epochs_run": loop_state["epoch"] + 1}
+  timer.lap("grm_eval")
+  logging.info("[grm] test %s", fmt(metrics["test"]))
+  return {"metrics": metrics, "grm_history": loop_state["history"]}
+
+
+def finish(results: dict, timer: Timer, workdir: str) -> dict:
+  """Adds the timing and writes WORKDIR/results.json (atomically); returns the results."""
+  results["timing"] = timer.summary()
+  write_json(os.path.join(workdir, "results.json"), results)
+  logging.info("results written to %s", os.path.join(workdir, "results.json"))
+  return results
 
 
 def load_dataset(config: ml_collections.ConfigDict, workdir: str) -> Interactions:
@@ -127,106 +226,25 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
   """Stage `tokenizer`: trains the RQ-VAE once; later runs restore weights and code table."""
   model_cfg = rqvae_config(config, features.shape[1])
   t = config.tokenizer
-  ckpt = Checkpoints(os.path.join(workdir, "checkpoints", "tokenizer"),
-                     ("tokenizer", "code_table"), max_to_keep=1)
-  template = RQVAE(model_cfg, rngs=nnx.Rngs(0))
-  if ckpt.latest_step() is not None:
-    n, depth = features.shape[0], t.num_levels + 1
-    items, meta = ckpt.restore(0, {"tokenizer": nnx.state(template),
-                                   "code_table": {"codes": np.zeros((n, depth), np.int32),
-                                                  "item": np.zeros((n,), np.int32)}})
-    ckpt.close()
-    logging.info("[tokenizer] restored from %s", ckpt.directory)
-    table = IdentifierTable(np.asarray(items["code_table"]["codes"]),
-                            np.asarray(items["code_table"]["item"]),
-                            (t.codebook_size,) * t.num_levels + (t.dedup_size,))
-    return table, meta
-  model, train_stats = train_tokenizer(model_cfg, tokenizer_train_config(config), features, cf,
-                                       seed=config.seed)
-  table, stats = assign_identifiers(model, features, t.dedup_size)
-  stats.update(train_stats)
-  ckpt.save(0, {"tokenizer": nnx.state(model),
-                "code_table": {"codes": table.codes, "item": table.item}}, stats)
-  ckpt.close()
+  n, depth = features.shape[0], t.num_levels + 1
+
+  def run():
+    model, train_stats = train_tokenizer(model_cfg, tokenizer_train_config(config), features, cf,
+                                         seed=config.seed)
+    table, stats = assign_identifiers(model, features, t.dedup_size)
+    return ({"tokenizer": nnx.state(model),
+             "code_table": {"codes": table.codes, "item": table.item}},
+            {**stats, **train_stats})
+
+  templates = {"tokenizer": nnx.state(RQVAE(model_cfg, rngs=nnx.Rngs(0))),
+               "code_table": {"codes": np.zeros((n, depth), np.int32),
+                              "item": np.zeros((n,), np.int32)}}
+  items, stats = restore_or_run(os.path.join(workdir, "checkpoints", "tokenizer"), templates,
+                                run)
+  table = IdentifierTable(np.asarray(items["code_table"]["codes"]),
+                          np.asarray(items["code_table"]["item"]),
+                          (t.codebook_size,) * t.num_levels + (t.dedup_size,))
   return table, stats
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the pipeline of `config.method` and writes WORKDIR/results.json."""
-  check_config(config)
-  if config.method not in METHODS:
-    raise ConfigError(f"method={config.method!r}: the static pipeline runs {METHODS}")
-  os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(config, workdir)
-  timing, t0 = {}, time.time()
-  mesh = make_mesh()
-  logging.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform,
-               dict(mesh.shape))
-
-  inter = load_dataset(config, workdir)
-  stats = inter.stats()
-  logging.info("[data] %s: %d users, %d items, %d interactions", config.data.name,
-               stats["users"], stats["items"], stats["interactions"])
-  split = leave_one_out(inter, config.data.max_history)
-  logging.info("[data] samples: %d train, %d valid, %d test", len(split.train),
-               len(split.valid), len(split.test))
-  timing["data"] = time.time() - t0
-
-  results = {"dataset": {"name": config.data.name, **stats}, "method": config.method,
-             "config": config.to_dict(), "devices": jax.device_count()}
-  cf = None
-  needs_cf = (config.method in ("letter", "sasrec") or config.tokenizer.cf_weight > 0 or
-              config.embeddings.source == "cf")
-  if needs_cf:
-    t = time.time()
-    trainer = sasrec_trainer(config, inter.num_items, mesh)
-    long_split = leave_one_out(inter, config.sasrec.max_len)
-    params, loop_state = trainer.train(training_windows(inter, config.sasrec.max_len),
-                                       long_split.valid,
-                                       os.path.join(workdir, "checkpoints", "sasrec"))
-    sasrec_metrics = {"valid": trainer.evaluate(params, long_split.valid),
-                      "test": trainer.evaluate(params, long_split.test),
-                      "best_epoch": loop_state["best_epoch"] + 1}
-    cf = trainer.item_embeddings(params)
-    timing["sasrec"] = time.time() - t
-    logging.info("[sasrec] test %s", _fmt(sasrec_metrics["test"]))
-    if config.method == "sasrec":
-      results["metrics"] = sasrec_metrics
-    else:
-      results["baselines"] = {"sasrec": sasrec_metrics}
-
-  if config.method != "sasrec":
-    t = time.time()
-    features = item_features(config, inter.item_ids, cf)
-    timing["embeddings"] = time.time() - t
-    t = time.time()
-    table, tokenizer_stats = train_or_restore_tokenizer(config, workdir, features, cf)
-    write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), table, inter.item_ids)
-    results["tokenizer"] = tokenizer_stats
-    results["tokenizer"]["input"] = config.embeddings.source
-    timing["tokenizer"] = time.time() - t
-
-    t = time.time()
-    trainer = grm_trainer(config, table.vocab_size, mesh)
-    selection = subsample(split.valid, config.grm.valid_users, config.seed)
-    params, loop_state = trainer.train(table, inter.num_items, split.train, selection,
-                                       os.path.join(workdir, "checkpoints", "grm"))
-    timing["grm_train"] = time.time() - t
-    t = time.time()
-    results["metrics"] = {"valid": trainer.evaluate(params, table, inter.num_items, selection),
-                          "valid_users": len(selection),
-                          "test": trainer.evaluate(params, table, inter.num_items, split.test),
-                          "best_epoch": loop_state["best_epoch"] + 1,
-                          "epochs_run": loop_state["epoch"] + 1}
-    results["grm_history"] = loop_state["history"]
-    timing["grm_eval"] = time.time() - t
-    logging.info("[grm] test %s", _fmt(results["metrics"]["test"]))
-
-  timing["total"] = time.time() - t0
-  results["timing"] = timing
-  write_json(os.path.join(workdir, "results.json"), results)
-  logging.info("results written to %s", os.path.join(workdir, "results.json"))
-  return results
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
@@ -282,5 +300,7 @@ def _json_default(value):
   raise TypeError(f"cannot serialise {type(value)}")
 
 
-def _fmt(metrics: dict) -> str:
+
+
+def fmt(metrics: dict) -> str:
   return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())

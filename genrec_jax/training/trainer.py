@@ -1,0 +1,147 @@
+"""One trainer for every model: a jitted, donated, sharded train step over parameter groups.
+
+A model is an NNX module whose state falls into named parameter groups: its top-level
+attributes (for example `tokenizer` and `recommender` of a jointly trained method), or the
+single group "model" when it trains as one piece. Each group has its own optax optimizer
+(learning rate, schedule, weight decay). A train step updates the groups named in `trainable`
+and leaves the others frozen: no gradient is computed for them and their optimizer state is
+unchanged, which is how alternating training freezes one side for an epoch.
+
+The model interface is the objective `loss_fn(model, batch, key, context) -> (loss, aux)`: a
+pure function of the merged module, a batch of device arrays, a dropout key (None = no
+dropout) and `context`, device arrays that are read but not trained and may change between
+calls without recompiling (the item -> identifier map of a generative recommender, the
+known-items mask of a growing catalog, codeword groups, ...). `aux` is a dict of scalars that
+the step reports beside the loss and the global gradient norm.
+
+The step is compiled once per batch shape and trainable set, with the parameters and
+optimizer state donated and kept replicated (`out_shardings`), and batches sharded over the
+mesh's data axis (`training.sharding`); `fit` drives it through the shared epoch loop
+(`training.loop`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from genrec_jax.training import loop
+from genrec_jax.training.sharding import replicate, replicated
+
+MODEL_GROUP = "model"  # the one group of a model trained as one piece
+
+LossFn = Callable[[nnx.Module, dict, "jax.Array | None", dict], tuple[jax.Array, dict]]
+Trainable = "tuple[str, ...] | Callable[[int], tuple[str, ...]] | None"
+
+
+def _in_group(group: str):
+  """NNX filter of the variables under the model's top-level attribute `group`."""
+  return lambda path, _: bool(path) and path[0] == group
+
+
+class Trainer:
+  """Trains an NNX model on `loss_fn` with one optimizer per parameter group.
+
+  Args:
+    model: the module to train (its initial state becomes `init_params`).
+    loss_fn: the objective, (model, batch, key, context) -> (scalar loss, aux dict).
+    optimizers: one optax transformation (the whole model is the group "model"), or a mapping
+      from top-level attribute name to transformation; every variable must belong to a group.
+    mesh: the device mesh; parameters and optimizer state are replicated on it.
+  """
+
+  def __init__(self, model: nnx.Module, loss_fn: LossFn,
+               optimizers: optax.GradientTransformation | Mapping[str, Any], mesh):
+    if not isinstance(optimizers, Mapping):
+      optimizers = {MODEL_GROUP: optimizers}
+    self.optimizers = dict(optimizers)
+    self.groups = tuple(self.optimizers)
+    self.loss_fn, self.mesh = loss_fn, mesh
+    if self.groups == (MODEL_GROUP,):
+      self.graphdef, state = nnx.split(model)
+      states = (state,)
+    else:
+      self.graphdef, *states, rest = nnx.split(model, *map(_in_group, self.groups), ...)
+      if jax.tree.leaves(rest):
+        raise ValueError(f"model state outside the parameter groups {self.groups}: "
+                         f"{sorted(str(k) for k in rest.keys())}; give every top-level "
+                         f"attribute an optimizer")
+    # Copies: train steps donate their inputs, and the caller's model must outlive them.
+    self.init_params = replicate(jax.tree.map(jnp.copy, dict(zip(self.groups, states))), mesh)
+    self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
+                         static_argnames=("trainable",),
+                         out_shardings=replicated(mesh))
+
+  def merge(self, params: Mapping) -> nnx.Module:
+    """The model with the parameters of every group in `params`."""
+    return nnx.merge(self.graphdef, *(params[g] for g in self.groups))
+
+  def init_opt_state(self, params: Mapping) -> dict:
+    """Fresh optimizer state of every group, replicated."""
+    return replicate({g: self.optimizers[g].init(params[g]) for g in self.groups}, self.mesh)
+
+  def check_trainable(self, trainable) -> tuple[str, ...]:
+    trainable = self.groups if trainable is None else tuple(trainable)
+    unknown = sorted(set(trainable) - set(self.groups))
+    if unknown or not trainable:
+      raise ValueError(f"trainable groups must be a non-empty subset of {self.groups}, got "
+                       f"{trainable}")
+    return trainable
+
+  def train_step(self, params, opt_state, batch: dict, key: jax.Array, context: dict | None = None,
+                 trainable: tuple[str, ...] | None = None):
+    """One update of the `trainable` groups (default all) -> (params, opt_state, metrics).
+
+    `params` and `opt_state` are donated (their buffers are reused): use the returned ones, and
+    pass copies of `init_params` if they are needed again. metrics: `loss`,
+    `grad_norm` (of the trainable groups) and the objective's aux values, scalars.
+    """
+    return self._step(params, opt_state, batch, key, context or {},
+                      trainable=self.check_trainable(trainable))
+
+  def _train_step(self, params, opt_state, batch, key, context, *, trainable):
+    def objective(trained):
+      return self.loss_fn(self.merge({**params, **trained}), batch, key, context)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+        {g: params[g] for g in trainable})
+    params, opt_state = dict(params), dict(opt_state)
+    for g in trainable:
+      updates, opt_state[g] = self.optimizers[g].update(grads[g], opt_state[g], params[g])
+      params[g] = optax.apply_updates(params[g], updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+
+  def fit(self, *, name: str, epoch_batches, evaluate, loop_cfg: loop.LoopConfig,
+          checkpoint_dir: str, params=None, context: dict | None = None,
+          trainable: Trainable = None):
+    """Trains from `params` (default: the initial ones) through the epoch loop.
+
+    Args:
+      name: stage name for logs.
+      epoch_batches: epoch -> iterable of (sharded batch, number of real samples).
+      evaluate: params -> validation metrics (model selection, `loop_cfg.select_metric`).
+      loop_cfg: epochs, evaluation period, patience, seed.
+      checkpoint_dir: this stage's checkpoints (an interrupted fit resumes there).
+      params: starting parameters (fine-tuning) or None.
+      context: the objective's non-trained device inputs for this fit (replicated).
+      trainable: the groups updated (default all), or a function epoch -> groups (alternating
+        training: each epoch updates its own groups, the others stay frozen).
+
+    Returns:
+      (best params, loop state), as `loop.fit`.
+    """
+    params = self.init_params if params is None else params
+    context = replicate(context or {}, self.mesh)
+    schedule = trainable if callable(trainable) else (lambda _: trainable)
+
+    def step(p, o, batch, key, epoch):
+      return self.train_step(p, o, batch, key, context, schedule(epoch))
+
+    return loop.fit(name=name, params=params, opt_state=self.init_opt_state(params),
+                    train_step=step, epoch_batches=epoch_batches, evaluate=evaluate,
+                    cfg=loop_cfg, checkpoint_dir=checkpoint_dir, mesh=self.mesh)
