@@ -155,7 +155,7 @@ class ConfigError(ValueError):
   """A config field that makes no sense; the message names the field and the fix."""
 
 
-METHOD_NAMES = ("tiger", "letter", "sasrec", "continual")
+METHOD_NAMES = ("tiger", "letter", "sasrec", "continual")  # keys of methods.REGISTRY
 CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
 CHOICES = {
     "method": METHOD_NAMES,
@@ -212,6 +212,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"sasrec.hidden_dim={config.sasrec.hidden_dim} must equal tokenizer.latent_dim="
         f"{config.tokenizer.latent_dim}: the collaborative terms compare CF embeddings with "
         f"latents; set both to the same size")
+  if config.tokenizer.diversity_weight > 0:
+    if config.method != "letter":
+      raise ConfigError(f"tokenizer.diversity_weight={config.tokenizer.diversity_weight} is "
+                        f"LETTER's loss; use method=letter or set it to 0")
+    if not 1 < config.tokenizer.diversity_groups < config.tokenizer.codebook_size:
+      raise ConfigError(f"tokenizer.diversity_groups={config.tokenizer.diversity_groups} must "
+                        f"lie in (1, tokenizer.codebook_size={config.tokenizer.codebook_size})")
   unknown = set(config.continual.methods) - set(CONTINUAL_METHODS)
   if config.method == "continual" and unknown:
     raise ConfigError(f"continual.methods has unknown {sorted(unknown)}; choose from "
@@ -248,7 +255,7 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   c.grm.num_encoder_layers = 2
   c.grm.num_decoder_layers = 2
   c.grm.learning_rate = 2e-3
-  c.grm.dropout_rate = 0.0  # Off for the short cpu runs (dropout costs ~8% of a CPU step).
+  c.grm.dropout_rate = 0.0  # Off for the short cpu runs.
   c.grm.epochs = 8
   c.grm.eval_every = 2
   c.grm.patience = 2

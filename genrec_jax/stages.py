@@ -32,8 +32,8 @@ from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer
 from genrec_jax.training.sharding import make_mesh
-from genrec_jax.training.tokenizer import (TokenizerTrainConfig, assign_identifiers,
-                                           train_tokenizer)
+from genrec_jax.training.tokenizer import (TokenizerRegularizer, TokenizerTrainConfig,
+                                           assign_identifiers, train_tokenizer)
 
 
 class Timer:
@@ -100,12 +100,15 @@ def cf_model(config: ml_collections.ConfigDict, inter: Interactions, mesh, workd
 
 
 def item_tokenizer(config: ml_collections.ConfigDict, inter: Interactions, workdir: str,
-                   cf: np.ndarray | None, timer: Timer) -> tuple[IdentifierTable, dict]:
-  """Tokenizer inputs (timed as `embeddings`), the trained tokenizer and its identifier table
-  (stage `tokenizer`, WORKDIR/identifiers.csv), with the tokenizer's statistics."""
+                   cf: np.ndarray | None, timer: Timer,
+                   regularizer: TokenizerRegularizer | None = None
+                   ) -> tuple[IdentifierTable, dict]:
+  """Tokenizer inputs (timed as `embeddings`), the trained tokenizer (with a method's
+  `regularizer` terms) and its identifier table (stage `tokenizer`,
+  WORKDIR/identifiers.csv), with the tokenizer's statistics."""
   features = item_features(config, inter.item_ids, cf)
   timer.lap("embeddings")
-  table, stats = train_or_restore_tokenizer(config, workdir, features, cf)
+  table, stats = train_or_restore_tokenizer(config, workdir, features, cf, regularizer)
   write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), table, inter.item_ids)
   timer.lap("tokenizer")
   return table, {**stats, "input": config.embeddings.source}
@@ -191,7 +194,7 @@ def rqvae_config(config, input_dim: int) -> RQVAEConfig:
       num_levels=t.num_levels, codebook_size=t.codebook_size, beta=t.beta,
       loss_reduction=t.loss_reduction, detach_residual=t.detach_residual, cf_weight=t.cf_weight,
       cf_temperature=t.cf_temperature, cf_similarity=t.cf_similarity,
-      diversity_weight=t.diversity_weight, sinkhorn_epsilon=t.sinkhorn_epsilon)
+      sinkhorn_epsilon=t.sinkhorn_epsilon)
 
 
 def tokenizer_train_config(config) -> TokenizerTrainConfig:
@@ -200,7 +203,7 @@ def tokenizer_train_config(config) -> TokenizerTrainConfig:
                               batch_size=t.batch_size, learning_rate=t.learning_rate,
                               weight_decay=t.weight_decay, kmeans_iterations=t.kmeans_iterations,
                               kmeans_refresh_steps=tuple(t.kmeans_refresh_steps),
-                              diversity_groups=t.diversity_groups, selection=t.selection,
+                              selection=t.selection,
                               eval_every=t.eval_every)
 
 
@@ -222,7 +225,9 @@ def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.nda
 
 
 def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
-                               cf: np.ndarray | None) -> tuple[IdentifierTable, dict]:
+                               cf: np.ndarray | None,
+                               regularizer: TokenizerRegularizer | None = None
+                               ) -> tuple[IdentifierTable, dict]:
   """Stage `tokenizer`: trains the RQ-VAE once; later runs restore weights and code table."""
   model_cfg = rqvae_config(config, features.shape[1])
   t = config.tokenizer
@@ -230,7 +235,7 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
 
   def run():
     model, train_stats = train_tokenizer(model_cfg, tokenizer_train_config(config), features, cf,
-                                         seed=config.seed)
+                                         seed=config.seed, regularizer=regularizer)
     table, stats = assign_identifiers(model, features, t.dedup_size)
     return ({"tokenizer": nnx.state(model),
              "code_table": {"codes": table.codes, "item": table.item}},

@@ -39,6 +39,13 @@ def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
                                                                                      "mean")
 
 
+def test_every_method_name_has_a_module():
+  from genrec_jax.config import METHOD_NAMES
+  from genrec_jax.methods import REGISTRY, method_module
+  assert tuple(REGISTRY) == METHOD_NAMES
+  assert all(callable(method_module(name).run) for name in METHOD_NAMES)
+
+
 def test_every_continual_method_has_rules():
   from genrec_jax.methods.dact import METHOD_RULES
   assert tuple(METHOD_RULES) == CONTINUAL_METHODS
@@ -56,6 +63,14 @@ def test_config_mistakes_name_the_field(tmp_path, shared_dir):
   config = base_config()
   config.grm.epochs = 0
   with pytest.raises(ConfigError, match=r"grm.epochs=0 must be a positive number"):
+    check_config(config)
+  config = base_config()  # method tiger
+  config.tokenizer.diversity_weight = 1e-4
+  with pytest.raises(ConfigError, match=r"diversity_weight=0.0001 is LETTER's loss"):
+    check_config(config)
+  config = _load(CONFIGS[0].parent / "letter_toys.py", "cpu")
+  config.tokenizer.diversity_groups = 256
+  with pytest.raises(ConfigError, match=r"diversity_groups=256 must lie in"):
     check_config(config)
 
 

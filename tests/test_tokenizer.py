@@ -229,8 +229,10 @@ def test_info_nce_by_hand():
 
 def test_rqvae_losses_and_training_reduce_loss():
   import optax
+  from genrec_jax.methods.letter import DiversityRegularizer
   cfg = RQVAEConfig(input_dim=12, hidden_dims=(16,), latent_dim=4, num_levels=2,
-                    codebook_size=8, cf_weight=0.1, diversity_weight=1e-2)
+                    codebook_size=8, cf_weight=0.1)
+  diversity = DiversityRegularizer(1e-2)
   model = RQVAE(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (64, 12))
   cf = jax.random.normal(jax.random.key(1), (64, 4))
@@ -241,7 +243,8 @@ def test_rqvae_losses_and_training_reduce_loss():
   opt = tx.init(params)
 
   def loss(p):
-    return rqvae_losses(nnx.merge(graphdef, p), x, cf, groups, jax.random.key(2))
+    return rqvae_losses(nnx.merge(graphdef, p), x, cf, lambda m, out: diversity.loss(
+        m, out, {"groups": groups}, jax.random.key(2)))
 
   @jax.jit
   def step(p, o):
@@ -280,9 +283,9 @@ def test_kmeans_refresh_refits_the_codebooks_to_the_moved_encoder():
 def test_diversity_loss_shapes_only_the_codebook_and_matches_numpy():
   """LETTER's diversity loss: the query is the raw assigned codeword; with groups of two
   codewords the positive is the other member, so the loss is a plain cross-entropy."""
-  from genrec_jax.tokenizers.rqvae import diversity_loss
+  from genrec_jax.methods.letter import diversity_loss
   cfg = RQVAEConfig(input_dim=6, hidden_dims=(8,), latent_dim=4, num_levels=2,
-                    codebook_size=8, diversity_weight=1.0)
+                    codebook_size=8)
   model = RQVAE(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (32, 6))
   model.quantizer.init_kmeans(model.encoder(x), jax.random.key(1), iterations=5)

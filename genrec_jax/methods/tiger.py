@@ -12,10 +12,13 @@ from __future__ import annotations
 import ml_collections
 
 from genrec_jax import stages
+from genrec_jax.training.tokenizer import TokenizerRegularizer
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, collaborative: bool = False) -> dict:
-  """TIGER's two stages; `collaborative` trains the CF model first (LETTER always does)."""
+def run(config: ml_collections.ConfigDict, workdir: str, collaborative: bool = False,
+        regularizer: TokenizerRegularizer | None = None) -> dict:
+  """TIGER's two stages; `collaborative` trains the CF model first and `regularizer` adds a
+  method's tokenizer terms (LETTER uses both)."""
   mesh = stages.start_run(config, workdir)
   timer = stages.Timer()
   inter, split, results = stages.static_data(config, workdir)
@@ -25,6 +28,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, collaborative: bool = F
     cf, sasrec_metrics = stages.cf_model(config, inter, mesh, workdir)
     results["baselines"] = {"sasrec": sasrec_metrics}
     timer.lap("sasrec")
-  table, results["tokenizer"] = stages.item_tokenizer(config, inter, workdir, cf, timer)
+  table, results["tokenizer"] = stages.item_tokenizer(config, inter, workdir, cf, timer,
+                                                      regularizer)
   results.update(stages.generative_recommender(config, table, split, mesh, workdir, timer))
   return stages.finish(results, timer, workdir)

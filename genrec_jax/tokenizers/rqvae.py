@@ -1,4 +1,4 @@
-"""RQ-VAE item tokenizer (TIGER) with LETTER's collaborative and diversity regularizers.
+"""RQ-VAE item tokenizer (TIGER), with the collaborative regularizer of LETTER and DACT.
 
 x [B, D_in] --encoder MLP--> r [B, d] --ResidualQuantizer--> q [B, d] --decoder MLP--> x_hat.
 
@@ -6,7 +6,8 @@ Losses (METHODS.md sections 1-2):
   reconstruction  ||x - x_hat||^2 (mean over the batch)
   quantization    per level ||sg(v_l) - e_l||^2 + beta ||v_l - sg(e_l)||^2
   collaborative   InfoNCE(q_i, cf_i) over the batch (LETTER; DACT's base tokenizer, alpha 0.02)
-  diversity       codewords of one k-means group of a level attract an item's codeword (LETTER)
+  method terms    a method adds its own terms through `rqvae_losses(regularizer=...)` (LETTER's
+                  codeword diversity, `genrec_jax.methods.letter`)
 One scale for reconstruction and quantization (`loss_reduction`): "sum" = squared norms over
 dimensions, levels summed (TIGER paper); "mean" = averages over dimensions and levels
 (F.mse_loss in the LETTER and DACT code, whose RQ loss is the mean of the level losses).
@@ -17,6 +18,7 @@ batch (`sinkhorn_epsilon`); identifiers are always encoded by argmin.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,6 @@ class RQVAEConfig:
   cf_weight: float = 0.0  # alpha of the collaborative InfoNCE (0 = TIGER)
   cf_temperature: float = 1.0
   cf_similarity: str = "cosine"  # "cosine" (DACT code) or "dot" (LETTER code)
-  diversity_weight: float = 0.0  # LETTER: 1e-4
   sinkhorn_epsilon: float = 0.0  # LETTER: 0.003, balanced last-level codes while training
   sinkhorn_iterations: int = 50
   dropout_rate: float = 0.0
@@ -111,37 +112,12 @@ def info_nce(a: jax.Array, b: jax.Array, temperature: float, similarity: str = "
   return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
 
 
-def diversity_loss(quant: QuantizerOutput, codebooks: jax.Array, groups: jax.Array,
-                   key: jax.Array) -> jax.Array:
-  """LETTER's code diversity loss.
-
-  For an item assigned code k at level l, a random other codeword of k's group (groups: int32
-  [L, K] from k-means over the level's codewords) is the positive; all codewords of the level
-  are candidates (dot products, temperature 1, self masked). As in the LETTER code, the query
-  is the raw assigned codeword, so the loss shapes the codebook only (no gradient reaches the
-  encoder, whose codes come from an argmin). Items whose group has no other member are skipped.
-  """
-  num_levels, k = groups.shape
-  total = 0.0
-  for level in range(num_levels):
-    code = quant.codes[:, level]
-    query = codebooks[level][code]
-    same = groups[level][code][:, None] == groups[level][None, :]
-    not_self = jnp.arange(k)[None, :] != code[:, None]
-    eligible = same & not_self
-    noise = jax.random.gumbel(jax.random.fold_in(key, level), eligible.shape)
-    positive = jnp.argmax(jnp.where(eligible, noise, -jnp.inf), axis=-1)
-    logits = jnp.where(not_self, query @ codebooks[level].T, -1e9)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), positive[:, None], 1)[:, 0]
-    valid = eligible.any(-1)
-    total += jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
-  return total / num_levels
-
-
 def rqvae_losses(model: RQVAE, x: jax.Array, cf: jax.Array | None = None,
-                 groups: jax.Array | None = None, key: jax.Array | None = None
+                 regularizer: Callable[[RQVAE, RQVAEOutput], tuple[jax.Array, dict]] | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total tokenizer loss and its parts for items x [B, D_in] (cf [B, d_cf] for LETTER)."""
+  """Total tokenizer loss and its parts for items x [B, D_in] (cf [B, d_cf] for the
+  collaborative term). `regularizer(model, output) -> (weighted term, parts)` adds a method's
+  own terms (its parts are reported beside reconstruction, quantization and cf)."""
   cfg = model.cfg
   out = model(x, training=True)
   parts = {"recon": squared_error(x, out.reconstruction, cfg.loss_reduction),
@@ -152,8 +128,9 @@ def rqvae_losses(model: RQVAE, x: jax.Array, cf: jax.Array | None = None,
       raise ValueError("cf_weight > 0 needs collaborative embeddings")
     parts["cf"] = info_nce(out.quant.quantized, cf, cfg.cf_temperature, cfg.cf_similarity)
     total += cfg.cf_weight * parts["cf"]
-  if cfg.diversity_weight > 0:
-    parts["diversity"] = diversity_loss(out.quant, model.quantizer.codebooks[...], groups, key)
-    total += cfg.diversity_weight * parts["diversity"]
+  if regularizer is not None:
+    term, extra = regularizer(model, out)
+    total += term
+    parts.update(extra)
   parts["total"] = total
   return total, parts

@@ -4,10 +4,10 @@ Items are few (about 12k), so the tokenizer trains on random batches of the item
 length counted in `unit`s: "epochs" (passes over the items, N // batch_size batches each; the
 TIGER paper and the LETTER / DACT code: 20k epochs) or "steps" (batches; the DACT paper's
 20k steps). METHODS.md section 1: AdamW lr 1e-3, batch 1024, k-means init per level; optionally
-fitted again after warm-up steps (`kmeans_refresh_steps`). LETTER's diversity loss needs groups
-of codewords: constrained k-means (10 groups per level of 10..60 codewords, as the LETTER
-code) over each level's codewords, refreshed every epoch as in the LETTER code (or every
-`diversity_refresh_steps`). `selection="min_collision"` keeps the parameters with the lowest
+fitted again after warm-up steps (`kmeans_refresh_steps`). A method adds its own loss terms
+with a `TokenizerRegularizer` (LETTER's codeword diversity), whose non-trained inputs (codeword
+groups) are recomputed from the model every epoch or every `refresh_steps` steps.
+`selection="min_collision"` keeps the parameters with the lowest
 collision rate among evaluations every `eval_every` units (the LETTER code's checkpoint rule);
 "last" keeps the final ones (TIGER, DACT).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,8 @@ from flax import nnx
 
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, collision_rate,
                                                one_to_one_table)
-from genrec_jax.tokenizers.quantizer import balanced_kmeans, code_usage, letter_group_sizes
-from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, rqvae_losses
+from genrec_jax.tokenizers.quantizer import code_usage
+from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, RQVAEOutput, rqvae_losses
 from genrec_jax.training.sharding import make_mesh, replicate
 from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
@@ -45,8 +46,6 @@ class TokenizerTrainConfig:
     batch_size, learning_rate, weight_decay: AdamW on random item batches.
     kmeans_iterations: Lloyd iterations of the per-level k-means initialisation.
     kmeans_refresh_steps: steps at which the k-means initialisation is fitted again.
-    diversity_groups: codeword groups per level (LETTER: 10).
-    diversity_refresh_steps: steps between group refreshes (0 = every epoch, LETTER code).
     selection: "last" or "min_collision" (lowest collision rate among evaluations).
     eval_every: units between collision-rate evaluations for "min_collision".
     log_every: steps between progress lines.
@@ -59,8 +58,6 @@ class TokenizerTrainConfig:
   weight_decay: float = 1e-4
   kmeans_iterations: int = 50
   kmeans_refresh_steps: tuple[int, ...] = ()
-  diversity_groups: int = 10
-  diversity_refresh_steps: int = 0
   selection: str = "last"
   eval_every: int = 2000
   log_every: int = 500
@@ -83,20 +80,28 @@ class TokenizerTrainConfig:
                        f"got {self.eval_every}")
 
 
-def _codeword_groups(codebooks: jax.Array, num_groups: int, seed: int) -> jax.Array:
-  """LETTER's constrained k-means group label of every codeword, int32 [L, K]."""
-  books = np.asarray(jax.device_get(codebooks))
-  size_min, size_max = letter_group_sizes(books.shape[1], num_groups)
-  return jnp.asarray(np.stack([balanced_kmeans(book, num_groups, seed=seed + level,
-                                               size_min=size_min, size_max=size_max)
-                               for level, book in enumerate(books)]))
+class TokenizerRegularizer(Protocol):
+  """A method's own tokenizer loss terms (LETTER's diversity: `genrec_jax.methods.letter`).
+
+  `context(model, step)` computes the terms' non-trained inputs (a dict of device arrays) from
+  the model on the host, at step 0 and then every `refresh_steps` steps (0 = every epoch);
+  `loss(model, output, context, key)` returns (weighted term, parts) inside the train step.
+  """
+
+  refresh_steps: int
+
+  def context(self, model: RQVAE, step: int) -> dict: ...
+
+  def loss(self, model: RQVAE, output: RQVAEOutput, context: dict, key: jax.Array
+           ) -> tuple[jax.Array, dict]: ...
 
 
 def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features: np.ndarray,
-                    cf: np.ndarray | None = None, seed: int = 0, mesh=None
-                    ) -> tuple[RQVAE, dict]:
-  """Trains an RQ-VAE on item vectors features [N, D_in] (cf [N, d] for LETTER) with the
-  shared train step (`training.trainer.Trainer`; `mesh` default: every device).
+                    cf: np.ndarray | None = None, seed: int = 0, mesh=None,
+                    regularizer: TokenizerRegularizer | None = None) -> tuple[RQVAE, dict]:
+  """Trains an RQ-VAE on item vectors features [N, D_in] (cf [N, d] for the collaborative
+  term) with the shared train step (`training.trainer.Trainer`; `mesh` default: every
+  device), plus a method's `regularizer` terms.
 
   Returns the selected model and a dict of training diagnostics (final losses, steps,
   seconds; with "min_collision" selection the evaluated collision rates and the chosen step).
@@ -114,9 +119,6 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
                        f"[{features.shape[0]}, {model_cfg.latent_dim}] (latent_dim), got "
                        f"{None if cf is None else cf.shape}")
   n = features.shape[0]
-  if model_cfg.diversity_weight > 0 and not 1 < cfg.diversity_groups < model_cfg.codebook_size:
-    raise ValueError(f"diversity_groups must be in (1, codebook_size={model_cfg.codebook_size}),"
-                     f" got {cfg.diversity_groups}")
   if n < model_cfg.codebook_size:
     raise ValueError(f"{n} items are fewer than the codebook size {model_cfg.codebook_size}")
   per_unit = cfg.steps_per_unit(n)
@@ -134,8 +136,9 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
 
   def loss_fn(model, batch, step_key, context):
     idx = batch["idx"]
-    return rqvae_losses(model, context["x"][idx], context["cf"][idx] if use_cf else None,
-                        context["groups"], step_key)
+    extra = None if regularizer is None else (
+        lambda m, out: regularizer.loss(m, out, context["regularizer"], step_key))
+    return rqvae_losses(model, context["x"][idx], context["cf"][idx] if use_cf else None, extra)
 
   trainer = Trainer(model, loss_fn, optax.adamw(cfg.learning_rate,
                                                 weight_decay=cfg.weight_decay), mesh)
@@ -144,12 +147,12 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   context = replicate({"x": x_all, "cf": jnp.asarray(cf if use_cf else np.zeros((n, 1)),
                                                      jnp.float32)}, mesh)
   batch = min(cfg.batch_size, n)
-  refresh_every = cfg.diversity_refresh_steps or max(1, n // batch)
+  refresh_every = (regularizer.refresh_steps if regularizer else 0) or max(1, n // batch)
   eval_steps = cfg.eval_every * per_unit
 
   rng = np.random.default_rng(seed)
   order, cursor = rng.permutation(n), 0
-  groups = jnp.zeros((model_cfg.num_levels, model_cfg.codebook_size), jnp.int32)
+  extra_context = {}
   t0 = time.time()
   parts, evaluations, best = {}, [], None
   for i in range(steps):
@@ -164,12 +167,12 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
       model.quantizer.init_kmeans(model.encoder(x_all), jax.random.fold_in(key, 3 + i),
                                   iterations=cfg.kmeans_iterations)
       params = replicate({MODEL_GROUP: nnx.state(model)}, mesh)
-    if model_cfg.diversity_weight > 0 and i % refresh_every == 0:
-      groups = _codeword_groups(trainer.merge(params).quantizer.codebooks[...],
-                                cfg.diversity_groups, seed + i)
+    if regularizer is not None and i % refresh_every == 0:
+      extra_context = {"regularizer": replicate(regularizer.context(trainer.merge(params), i),
+                                                mesh)}
     params, opt_state, parts = trainer.train_step(
         params, opt_state, replicate({"idx": jnp.asarray(idx)}, mesh),
-        jax.random.fold_in(key, 10_000_000 + i), {**context, "groups": groups})
+        jax.random.fold_in(key, 10_000_000 + i), {**context, **extra_context})
     if cfg.selection == "min_collision" and ((i + 1) % eval_steps == 0 or i + 1 == steps):
       rate = collision_rate(encode_items(trainer.merge(params), features))
       evaluations.append({"step": i + 1, "collision_rate": rate})
