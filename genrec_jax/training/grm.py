@@ -124,6 +124,16 @@ class GRMTrainer:
                                    constrained=constrained)
     return distinct_items(items, scores)  # an item with several identifiers counts once
 
+  def lower_rank(self, params, history: jax.Array, item_tokens: jax.Array, trie: Trie,
+                 table: IdentifierTable, beam_size: int | None = None):
+    """The ranking step lowered for this batch shape (`jax.stages.Lowered`, benchmarks):
+    `.compile()(params, history, item_tokens, trie)` returns (items, scores) as `rank`."""
+    return self._rank.lower(params, history, item_tokens, trie,
+                            offsets=tuple(int(o) for o in table.offsets),
+                            level_sizes=tuple(table.level_sizes),
+                            beam_size=beam_size or self.cfg.beam_size,
+                            constrained=self.cfg.constrained)
+
   def item_tokens(self, table: IdentifierTable, num_items: int) -> jax.Array:
     """The identifier map int32 [num_items, D] on every device."""
     return replicate(jnp.asarray(table.item_tokens(num_items)), self.mesh)

@@ -103,6 +103,14 @@ class Trainer:
     return self._step(params, opt_state, batch, key, context or {},
                       trainable=self.check_trainable(trainable))
 
+  def lower_step(self, params, opt_state, batch: dict, key: jax.Array,
+                 context: dict | None = None, trainable: tuple[str, ...] | None = None):
+    """The train step lowered for these inputs' shapes (`jax.stages.Lowered`): ahead-of-time
+    compilation and cost analysis (benchmarks); `.compile()(params, opt_state, batch, key,
+    context)` runs it."""
+    return self._step.lower(params, opt_state, batch, key, context or {},
+                            trainable=self.check_trainable(trainable))
+
   def _train_step(self, params, opt_state, batch, key, context, *, trainable):
     def objective(trained):
       return self.loss_fn(self.merge({**params, **trained}), batch, key, context)
