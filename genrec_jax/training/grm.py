@@ -129,10 +129,13 @@ class GRMTrainer:
     """The ranking step lowered for this batch shape (`jax.stages.Lowered`, benchmarks):
     `.compile()(params, history, item_tokens, trie)` returns (items, scores) as `rank`."""
     return self._rank.lower(params, history, item_tokens, trie,
-                            offsets=tuple(int(o) for o in table.offsets),
-                            level_sizes=tuple(table.level_sizes),
-                            beam_size=beam_size or self.cfg.beam_size,
-                            constrained=self.cfg.constrained)
+                            **self._rank_static(table, beam_size))
+
+  def _rank_static(self, table: IdentifierTable, beam_size: int | None) -> dict:
+    """The static arguments of the compiled ranking step for `table`."""
+    return dict(offsets=tuple(int(o) for o in table.offsets),
+                level_sizes=tuple(table.level_sizes), beam_size=beam_size or self.cfg.beam_size,
+                constrained=self.cfg.constrained)
 
   def item_tokens(self, table: IdentifierTable, num_items: int) -> jax.Array:
     """The identifier map int32 [num_items, D] on every device."""
@@ -160,7 +163,8 @@ class GRMTrainer:
            beam_size: int | None = None) -> np.ndarray:
     """Top-`beam_size` items int32 [S, beam] for every sample, in score order (-1 = none);
     each item at most once (its best identifier's rank) when items own several identifiers."""
-    beam_size = beam_size or self.cfg.beam_size
+    static = self._rank_static(table, beam_size)
+    beam_size = static["beam_size"]
     item_tokens = self.item_tokens(table, num_items)
     # One trie shape per catalog size: every table of a run reuses the compiled search.
     capacity = trie_capacity(table.level_sizes, max(num_items, len(table.codes)))
@@ -169,10 +173,7 @@ class GRMTrainer:
     for batch, idx in sample_batches(samples, self.cfg.eval_batch_size,
                                      self.cfg.length_buckets):
       history = shard_batch({"history": batch["history"]}, self.mesh)["history"]
-      items, _ = self._rank(params, history, item_tokens, trie,
-                            offsets=tuple(int(o) for o in table.offsets),
-                            level_sizes=tuple(table.level_sizes), beam_size=beam_size,
-                            constrained=self.cfg.constrained)
+      items, _ = self._rank(params, history, item_tokens, trie, **static)
       items = np.asarray(jax.device_get(items))
       out[idx[idx >= 0]] = items[idx >= 0]
     return out
