@@ -7,7 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from genrec_jax.training.loop import LoopConfig
+from genrec_jax.data.batching import item_batches
+from genrec_jax.training.loop import LoopConfig, fit_steps
 from genrec_jax.training.sharding import make_mesh, shard_batch
 from genrec_jax.training.trainer import Trainer
 
@@ -115,3 +116,52 @@ def test_fit_alternates_groups_by_epoch_and_stops_on_non_finite_loss(tmp_path):
     trainer.fit(name="toy", epoch_batches=lambda epoch: [(batch, 8)],
                 evaluate=lambda p: {"ndcg@10": 0.0}, loop_cfg=LoopConfig(epochs=1),
                 checkpoint_dir=str(tmp_path / "b"), context={"scale": jnp.float32(np.nan)})
+
+
+def test_fit_steps_keeps_the_lowest_scoring_step_refreshes_before_steps_and_stops_on_nan():
+  mesh = make_mesh()
+  trainer = Trainer(TwoParts(), squared_error, optax.sgd(0.05), mesh)
+  batch = shard_batch(_batch(), mesh)
+  context = {"scale": jnp.float32(1.0)}
+  refreshed, snapshots = [], {}
+
+  def before_step(step, params):
+    refreshed.append(step)
+    return params
+
+  def evaluate(params):  # a score that is lowest at step 4 of 6, not at the last step
+    step = len(snapshots) * 2 + 2
+    snapshots[step] = _flat(trainer, params)
+    return {"distance": abs(step - 4.0)}
+
+  params, stats = fit_steps(
+      name="toy", params=jax.tree.map(jnp.copy, trainer.init_params),
+      opt_state=trainer.init_opt_state(trainer.init_params),
+      train_step=lambda p, o, b, step: trainer.train_step(p, o, b, None, context),
+      batches=iter([batch] * 10), steps=6, log_every=4, before_step=before_step,
+      evaluate=evaluate, eval_every=2, select_metric="distance")
+  assert refreshed == list(range(6)) and sorted(snapshots) == [2, 4, 6]
+  assert stats["selected_step"] == 4 and [e["step"] for e in stats["evaluations"]] == [2, 4, 6]
+  assert stats["steps"] == 6 and stats["steps_per_second"] > 0
+  assert set(stats["final_losses"]) == {"max_error"}
+  for name, value in _flat(trainer, params).items():
+    np.testing.assert_array_equal(value, snapshots[4][name])
+  assert not np.array_equal(snapshots[4]["wa"], snapshots[6]["wa"])
+
+  with pytest.raises(FloatingPointError, match="step 2: non-finite"):
+    fit_steps(name="toy", params=jax.tree.map(jnp.copy, trainer.init_params),
+              opt_state=trainer.init_opt_state(trainer.init_params),
+              train_step=lambda p, o, b, step: trainer.train_step(
+                  p, o, b, None, {"scale": jnp.float32(np.nan)}),
+              batches=iter([batch] * 3), steps=3, log_every=2)
+
+
+def test_item_batches_cover_each_pass_once_and_drop_the_partial_batch():
+  batches = item_batches(10, 4, seed=3)
+  first_pass = [next(batches) for _ in range(2)]  # 10 items: two batches of 4, 2 dropped
+  assert all(len(b) == 4 for b in first_pass)
+  assert len(set(np.concatenate(first_pass))) == 8
+  again = item_batches(10, 4, seed=3)
+  np.testing.assert_array_equal(np.concatenate([next(again) for _ in range(2)]),
+                                np.concatenate(first_pass))
+  assert len(next(item_batches(3, 8, seed=0))) == 3  # fewer items than a batch: one full pass

@@ -97,3 +97,22 @@ def sample_batches(samples, batch_size: int, boundaries: tuple[int, ...], *,
     target[filler] = -1
     yield {"history": history, "target": target,
            "weight": (~filler).astype(np.float32)}, idx
+
+
+def item_batches(num_items: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+  """Endless random batches of item indices, int64 [min(batch_size, num_items)] each.
+
+  The tokenizers train on the item set: each pass is a fresh permutation cut into full
+  batches, and a pass's last partial batch is dropped (the LETTER and DACT code's
+  `drop_last`), so every batch has one shape.
+  """
+  if num_items < 1:
+    raise ValueError(f"item batches need at least one item, got {num_items}")
+  batch = min(batch_size, num_items)
+  rng = np.random.default_rng(seed)
+  order, cursor = rng.permutation(num_items), 0
+  while True:
+    if cursor + batch > num_items:
+      order, cursor = rng.permutation(num_items), 0
+    yield order[cursor:cursor + batch]
+    cursor += batch

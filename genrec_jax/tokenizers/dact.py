@@ -42,8 +42,8 @@ Paper vs official code (github.com/HomesAmaranta/DACT), and what is implemented 
 - Schedule: AdamW, linear warm-up then linear decay to 0 (the code's
   `get_linear_schedule_with_warmup`), global-norm clipping at 1. The code warms up for 50 of
   5,000 epochs (1 %), hence `warmup_steps=50` for the paper's 5,000 steps. Batches are
-  fixed-size random slices of a per-epoch permutation (the last partial batch of an epoch is
-  dropped, which keeps one compiled step).
+  fixed-size random slices of a per-epoch permutation (`data.batching.item_batches`: the last
+  partial batch of an epoch is dropped, which keeps one compiled step).
 - Top-rho: k = max(1, floor(rho B)) items of each batch (code: `int(topk * B)`); ties go to
   the lower batch position.
 """
@@ -51,17 +51,17 @@ Paper vs official code (github.com/HomesAmaranta/DACT), and what is implemented 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 
+from genrec_jax.data.batching import item_batches
 from genrec_jax.tokenizers.quantizer import squared_distances, squared_error
 from genrec_jax.tokenizers.rqvae import RQVAE, info_nce
+from genrec_jax.training import loop
 from genrec_jax.training.sharding import make_mesh, replicate
 from genrec_jax.training.trainer import Trainer
 
@@ -353,7 +353,7 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
   Returns:
     (fine-tuned tokenizer, trained CDIM or `cdim` in naive mode, stats) where stats holds
     "final_losses" (parts of the last batch), "seconds" (total), "steps_per_second" (after
-    the first, compiling, step) and "steps".
+    the first, compiling, step) and "steps" (`training.loop.fit_steps`).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -401,34 +401,12 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
     return naive_finetune_loss(merged[0], x, c, cfg, fixed)
 
   trainer = Trainer(modules, loss_fn, _optimizer(cfg), mesh)
-  params = trainer.init_params
-  opt_state = trainer.init_opt_state(params)
-  batch = min(cfg.batch_size, n)
-  rng = np.random.default_rng(seed)
-  order, cursor = rng.permutation(n), 0
-  t0 = time.time()
-  t_compiled = t0
-  parts = {}
-  for i in range(cfg.steps):
-    if cursor + batch > n:
-      order, cursor = rng.permutation(n), 0
-    idx = replicate({"idx": jnp.asarray(order[cursor:cursor + batch])}, mesh)
-    params, opt_state, parts = trainer.train_step(params, opt_state, idx, None, data)
-    cursor += batch
-    if i == 0:
-      jax.block_until_ready(params)
-      t_compiled = time.time()
-    if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
-      elapsed = time.time() - t0
-      logging.info("[dact:%s] step %d/%d %s  %.1f steps/s", mode, i + 1, cfg.steps,
-                   " ".join(f"{k} {float(v):.4f}" for k, v in parts.items()),
-                   (i + 1) / elapsed)
-  jax.block_until_ready(params)
-  t_end = time.time()
+  params, stats = loop.fit_steps(
+      name=f"dact:{mode}", params=trainer.init_params,
+      opt_state=trainer.init_opt_state(trainer.init_params),
+      train_step=lambda p, o, batch, _: trainer.train_step(p, o, batch, None, data),
+      batches=(replicate({"idx": jnp.asarray(idx)}, mesh)
+               for idx in item_batches(n, cfg.batch_size, seed)),
+      steps=cfg.steps, log_every=cfg.log_every)
   merged = trainer.merge(params)
-  stats = {"final_losses": {k: float(v) for k, v in parts.items()
-                            if k not in ("loss", "grad_norm")},
-           "seconds": t_end - t0, "steps": cfg.steps,
-           "steps_per_second": (cfg.steps - 1) / (t_end - t_compiled)
-           if cfg.steps > 1 else 1.0 / (t_end - t0)}
   return merged[0], merged[1] if mode == "dact" else cdim, stats

@@ -1,6 +1,11 @@
-"""Epoch loop shared by every trained model: progress, evaluation, early stopping, resume.
+"""Training loops shared by every trained model: the epoch loop and the step loop.
 
-The loop owns no model code. It calls `train_step(params, opt_state, batch, key, epoch)` (a
+`fit`, the epoch loop (recommenders, CF models): progress, evaluation, early stopping, resume.
+`fit_steps`, the step loop (tokenizers, which train on random item batches for a fixed number
+of steps): progress, refresh hooks, optional selection by a validation score. Neither owns
+model code; both stop on non-finite metrics.
+
+The epoch loop owns no model code. It calls `train_step(params, opt_state, batch, key, epoch)` (a
 jitted pure function returning the new state and a dict of scalar metrics with `loss` and
 `grad_norm`; `training.trainer.Trainer` builds it), stops with an error when an epoch's loss or
 gradient norm is not finite, evaluates with `evaluate(params) -> metrics` every `eval_every` epochs, keeps the best
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +129,81 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
   logging.info("[%s] best %s %.4f at epoch %d (%.1fs)", name, cfg.select_metric,
                state["best_metric"], state["best_epoch"] + 1, time.time() - start)
   return best_params, state
+
+
+def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: Iterator[dict],
+              steps: int, log_every: int, before_step: Callable[[int, Any], Any] | None = None,
+              evaluate: Callable[[Any], dict[str, float]] | None = None, eval_every: int = 0,
+              select_metric: str = "") -> tuple[Any, dict]:
+  """Runs `steps` updates and returns the last parameters, or the best evaluated ones.
+
+  Args:
+    name: stage name for logs.
+    params, opt_state: initial (replicated) state; donated by `train_step`.
+    train_step: (params, opt_state, batch, step) -> (params, opt_state, metrics), metrics a
+      dict of scalars holding at least `loss` and `grad_norm` (`Trainer.train_step`; the
+      caller derives the step's random key from `step`).
+    batches: yields one (sharded) batch per step.
+    steps: number of updates.
+    log_every: steps between progress lines; the metrics are checked for non-finite values
+      there and after the last step (a check every step would wait for every step).
+    before_step: (step, params) -> params, called before each update (refreshes that a
+      method schedules: a k-means refit of the codebooks, a regularizer's inputs).
+    evaluate: params -> metrics, every `eval_every` steps and after the last; with it the
+      returned parameters are those with the lowest `select_metric`.
+    eval_every: steps between evaluations (used only with `evaluate`).
+    select_metric: the metric of `evaluate` to minimise.
+
+  Returns:
+    (params, stats): stats holds "final_losses" (the last step's metrics without the loss
+    and gradient norm: the objective's parts), "steps", "seconds", "steps_per_second" (after the first, compiling, step), and with
+    `evaluate` "evaluations" ([{"step", **metrics}]) and "selected_step".
+  """
+  if steps < 1 or log_every < 1:
+    raise ValueError(f"[{name}] steps and log_every must be >= 1, got {steps}, {log_every}")
+  if evaluate is not None and (eval_every < 1 or not select_metric):
+    raise ValueError(f"[{name}] evaluation needs eval_every >= 1 and a select_metric, got "
+                     f"{eval_every}, {select_metric!r}")
+  t0 = t_compiled = time.time()
+  metrics, evaluations, best = {}, [], None
+  for step, batch in zip(range(steps), batches):
+    if before_step is not None:
+      params = before_step(step, params)
+    params, opt_state, metrics = train_step(params, opt_state, batch, step)
+    if step == 0:
+      jax.block_until_ready(params)
+      t_compiled = time.time()
+    done = step + 1
+    if evaluate is not None and (done % eval_every == 0 or done == steps):
+      result = evaluate(params)
+      evaluations.append({"step": done, **result})
+      logging.info("[%s] step %d %s %.4f", name, done, select_metric, result[select_metric])
+      if best is None or result[select_metric] < best[0]:
+        best = (result[select_metric], done, jax.tree.map(jnp.copy, params))  # next step donates
+    if done % log_every == 0 or done == steps:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not all(np.isfinite(v) for v in values.values()):
+        raise FloatingPointError(
+            f"[{name}] step {done}: non-finite training metrics {values}; lower the learning "
+            f"rate or check the inputs for NaN/inf")
+      elapsed = time.time() - t0
+      logging.info("[%s] step %d/%d %s  %.1f steps/s  ETA %.0fs", name, done, steps,
+                   " ".join(f"{k} {v:.4f}" for k, v in values.items()), done / elapsed,
+                   elapsed / done * (steps - done))
+  if not metrics:
+    raise ValueError(f"[{name}] the batch iterator yielded no batch")
+  jax.block_until_ready(params)
+  t_end = time.time()
+  stats = {"final_losses": {k: float(v) for k, v in jax.device_get(metrics).items()
+                             if k not in ("loss", "grad_norm")},
+           "steps": steps, "seconds": t_end - t0,
+           "steps_per_second": (steps - 1) / (t_end - t_compiled) if steps > 1
+           else 1.0 / (t_end - t0)}
+  if best is not None:
+    params = best[2]
+    stats.update(evaluations=evaluations, selected_step=best[1])
+    logging.info("[%s] kept step %d (lowest %s %.4f)", name, best[1], select_metric, best[0])
+  return params, stats
 
 
 def _fmt(metrics: dict | None) -> str:

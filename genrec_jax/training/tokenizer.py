@@ -15,7 +15,6 @@ collision rate among evaluations every `eval_every` units (the LETTER code's che
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Protocol
 
 import jax
@@ -25,10 +24,12 @@ import optax
 from absl import logging
 from flax import nnx
 
+from genrec_jax.data.batching import item_batches
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, collision_rate,
                                                one_to_one_table)
 from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, RQVAEOutput, rqvae_losses
+from genrec_jax.training import loop
 from genrec_jax.training.sharding import make_mesh, replicate
 from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
@@ -103,8 +104,9 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   term) with the shared train step (`training.trainer.Trainer`; `mesh` default: every
   device), plus a method's `regularizer` terms.
 
-  Returns the selected model and a dict of training diagnostics (final losses, steps,
-  seconds; with "min_collision" selection the evaluated collision rates and the chosen step).
+  Returns the selected model and a dict of training diagnostics (`loop.fit_steps`: final
+  losses, steps, seconds, steps/s; with "min_collision" selection the evaluated collision rates,
+  "collision_evaluations", and the chosen step).
   """
   cfg.check()
   features = np.asarray(features, np.float32)
@@ -142,24 +144,12 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
 
   trainer = Trainer(model, loss_fn, optax.adamw(cfg.learning_rate,
                                                 weight_decay=cfg.weight_decay), mesh)
-  params = trainer.init_params
-  opt_state = trainer.init_opt_state(params)
   context = replicate({"x": x_all, "cf": jnp.asarray(cf if use_cf else np.zeros((n, 1)),
                                                      jnp.float32)}, mesh)
-  batch = min(cfg.batch_size, n)
-  refresh_every = (regularizer.refresh_steps if regularizer else 0) or max(1, n // batch)
-  eval_steps = cfg.eval_every * per_unit
+  refresh_every = (regularizer.refresh_steps if regularizer else 0) or max(
+      1, n // min(cfg.batch_size, n))
 
-  rng = np.random.default_rng(seed)
-  order, cursor = rng.permutation(n), 0
-  extra_context = {}
-  t0 = time.time()
-  parts, evaluations, best = {}, [], None
-  for i in range(steps):
-    if cursor + batch > n:
-      order, cursor = rng.permutation(n), 0
-    idx = order[cursor:cursor + batch]
-    cursor += batch
+  def before_step(i, params):
     if i in cfg.kmeans_refresh_steps:
       # The first updates move the encoder away from the latents the codebooks were fitted to,
       # and most level-1 codes die; fitting them again once the encoder has moved keeps them.
@@ -168,29 +158,27 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
                                   iterations=cfg.kmeans_iterations)
       params = replicate({MODEL_GROUP: nnx.state(model)}, mesh)
     if regularizer is not None and i % refresh_every == 0:
-      extra_context = {"regularizer": replicate(regularizer.context(trainer.merge(params), i),
-                                                mesh)}
-    params, opt_state, parts = trainer.train_step(
-        params, opt_state, replicate({"idx": jnp.asarray(idx)}, mesh),
-        jax.random.fold_in(key, 10_000_000 + i), {**context, **extra_context})
-    if cfg.selection == "min_collision" and ((i + 1) % eval_steps == 0 or i + 1 == steps):
-      rate = collision_rate(encode_items(trainer.merge(params), features))
-      evaluations.append({"step": i + 1, "collision_rate": rate})
-      logging.info("[tokenizer] step %d collision rate %.4f", i + 1, rate)
-      if best is None or rate < best[0]:
-        best = (rate, i + 1, jax.tree.map(jnp.copy, params))  # the next step donates params
-    if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
-      elapsed = time.time() - t0
-      logging.info("[tokenizer] step %d/%d %s  %.0f steps/s  ETA %.0fs", i + 1, steps,
-                   " ".join(f"{k} {float(v):.4f}" for k, v in parts.items()),
-                   (i + 1) / elapsed, elapsed / (i + 1) * (steps - i - 1))
-  parts = {k: v for k, v in parts.items() if k not in ("loss", "grad_norm")}
-  stats = {"final_losses": {k: float(v) for k, v in parts.items()}, "steps": steps,
-           "seconds": time.time() - t0}
-  if best is not None:
-    params = best[2]
-    stats.update(selected_step=best[1], collision_evaluations=evaluations)
-    logging.info("[tokenizer] kept step %d (lowest collision rate %.4f)", best[1], best[0])
+      context["regularizer"] = replicate(regularizer.context(trainer.merge(params), i), mesh)
+    return params
+
+  def train_step(params, opt_state, batch, i):
+    return trainer.train_step(params, opt_state, batch, jax.random.fold_in(key, 10_000_000 + i),
+                              context)
+
+  def collision(params):
+    return {"collision_rate": collision_rate(encode_items(trainer.merge(params), features))}
+
+  select = cfg.selection == "min_collision"
+  params, stats = loop.fit_steps(
+      name="tokenizer", params=trainer.init_params,
+      opt_state=trainer.init_opt_state(trainer.init_params), train_step=train_step,
+      batches=(replicate({"idx": jnp.asarray(idx)}, mesh)
+               for idx in item_batches(n, cfg.batch_size, seed)),
+      steps=steps, log_every=cfg.log_every, before_step=before_step,
+      evaluate=collision if select else None, eval_every=cfg.eval_every * per_unit,
+      select_metric="collision_rate")
+  if select:
+    stats["collision_evaluations"] = stats.pop("evaluations")
   return trainer.merge(params), stats
 
 
