@@ -269,3 +269,33 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   c.continual.dact.steps = 200
   c.continual.dact.log_every = 100
   return c
+
+
+def dact_config(dataset: str, preset: str) -> ml_collections.ConfigDict:
+  """DACT and every TIGER-backbone baseline of its paper on an Amazon 2014 dataset (continual).
+
+  Pre-training on D0 (60 % of the interactions): SASRec CF embeddings (32-d), the collaborative
+  tokenizer (RQ-VAE on MiniLM item text + 0.02 InfoNCE with the CF embeddings, DACT's base
+  "0.6_cf" setting) and the T5 recommender; then periods D1..D4 (70/80/90/100 %) adapted by
+  each method of `continual.methods`.
+
+  Presets: "" = the paper (TIGER 4+4 layers, d_ff 1024, lr 1e-4, batch 256, up to 200 epochs
+  per period with early stopping; tokenizer fine-tuning 5,000 steps at lr 1e-4, batch 1024,
+  rho 0.3, tau 0.1, 32 slots, KL weight 5, stationary weight 0.1, alpha 0.02); "cpu" = the
+  small model of `apply_preset` with budgets for a 2-core CPU (about 40 minutes for all
+  methods on Toys; the measurements behind its numbers: experiments/dact_toys_cpu/README.md).
+  """
+  c = base_config()
+  c.method = "continual"
+  dataset_paths(c, dataset)
+  c.tokenizer.cf_weight = 0.02
+  c.tokenizer.train_unit = "steps"  # the DACT paper: 20k steps (its code: 20k epochs)
+  c.tokenizer.loss_reduction = "mean"  # the DACT code: F.mse_loss, RQ loss averaged over levels
+  apply_preset(c, preset)
+  if preset == "cpu":
+    c.sasrec.learning_rate = 5e-3  # the period-0 CF model converges within the budget
+    c.sasrec.epochs = 12
+    c.continual.retrain_epochs = 1  # retraining from scratch every period (the costliest row)
+    # 200 tokenizer fine-tuning steps at 10x the paper's rate stand in for its 5,000 at 1e-4.
+    c.continual.dact.learning_rate = 1e-3
+  return c
