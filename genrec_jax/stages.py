@@ -188,23 +188,23 @@ def grm_trainer(config, vocab_size: int, mesh) -> GRMTrainer:
 
 
 def rqvae_config(config, input_dim: int) -> RQVAEConfig:
-  t = config.tokenizer
+  tok = config.tokenizer
   return RQVAEConfig(
-      input_dim=input_dim, hidden_dims=tuple(t.hidden_dims), latent_dim=t.latent_dim,
-      num_levels=t.num_levels, codebook_size=t.codebook_size, beta=t.beta,
-      loss_reduction=t.loss_reduction, detach_residual=t.detach_residual, cf_weight=t.cf_weight,
-      cf_temperature=t.cf_temperature, cf_similarity=t.cf_similarity,
-      sinkhorn_epsilon=t.sinkhorn_epsilon)
+      input_dim=input_dim, hidden_dims=tuple(tok.hidden_dims), latent_dim=tok.latent_dim,
+      num_levels=tok.num_levels, codebook_size=tok.codebook_size, beta=tok.beta,
+      loss_reduction=tok.loss_reduction, detach_residual=tok.detach_residual,
+      cf_weight=tok.cf_weight, cf_temperature=tok.cf_temperature,
+      cf_similarity=tok.cf_similarity, sinkhorn_epsilon=tok.sinkhorn_epsilon)
 
 
 def tokenizer_train_config(config) -> TokenizerTrainConfig:
-  t = config.tokenizer
-  return TokenizerTrainConfig(length=t.train_length, unit=t.train_unit,
-                              batch_size=t.batch_size, learning_rate=t.learning_rate,
-                              weight_decay=t.weight_decay, kmeans_iterations=t.kmeans_iterations,
-                              kmeans_refresh_steps=tuple(t.kmeans_refresh_steps),
-                              selection=t.selection,
-                              eval_every=t.eval_every)
+  tok = config.tokenizer
+  return TokenizerTrainConfig(
+      length=tok.train_length, unit=tok.train_unit, batch_size=tok.batch_size,
+      learning_rate=tok.learning_rate, weight_decay=tok.weight_decay,
+      kmeans_iterations=tok.kmeans_iterations,
+      kmeans_refresh_steps=tuple(tok.kmeans_refresh_steps), selection=tok.selection,
+      eval_every=tok.eval_every)
 
 
 def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.ndarray:
@@ -230,13 +230,13 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
                                ) -> tuple[IdentifierTable, dict]:
   """Stage `tokenizer`: trains the RQ-VAE once; later runs restore weights and code table."""
   model_cfg = rqvae_config(config, features.shape[1])
-  t = config.tokenizer
-  n, depth = features.shape[0], t.num_levels + 1
+  tok = config.tokenizer
+  n, depth = features.shape[0], tok.num_levels + 1
 
   def run():
     model, train_stats = train_tokenizer(model_cfg, tokenizer_train_config(config), features, cf,
                                          seed=config.seed, regularizer=regularizer)
-    table, stats = assign_identifiers(model, features, t.dedup_size)
+    table, stats = assign_identifiers(model, features, tok.dedup_size)
     return ({"tokenizer": nnx.state(model),
              "code_table": {"codes": table.codes, "item": table.item}},
             {**stats, **train_stats})
@@ -248,7 +248,7 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
                                 run)
   table = IdentifierTable(np.asarray(items["code_table"]["codes"]),
                           np.asarray(items["code_table"]["item"]),
-                          (t.codebook_size,) * t.num_levels + (t.dedup_size,))
+                          (tok.codebook_size,) * tok.num_levels + (tok.dedup_size,))
   return table, stats
 
 

@@ -12,6 +12,7 @@ from genrec_jax.decoding.beam_search import NEG_INF, beam_search, distinct_items
 from genrec_jax.decoding.trie import build_trie, trie_capacity
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup, one_to_one_table
+from genrec_jax.training.grm import chosen_identifiers
 
 
 def _table(num_items=40, k=4, levels=2, seed=0):
@@ -210,3 +211,19 @@ def test_item_token_sets_list_every_identifier_of_an_item():
   np.testing.assert_array_equal(tokens[1, 0], table.tokens()[1])
   assert not tokens[1, 1:].any() and not tokens[[0, 2, 3, 5]].any()
   np.testing.assert_array_equal(table.item_token_sets(6)[0][:, 0], table.item_tokens(6))
+
+
+def test_chosen_identifiers_pick_each_examples_identifier_modulo_its_items_count():
+  codes = np.array([[0, 1, 0], [1, 1, 0], [0, 2, 0], [2, 0, 0]])
+  table = IdentifierTable(codes, np.array([4, 1, 4, 4], np.int32), (3, 3, 1))
+  token_sets, count = table.item_token_sets(6)
+  items = np.array([[4, 4, 4, 4], [1, 1, -1, 4]])
+  choice = np.array([[0, 1, 2, 3], [0, 5, 1, 7]])
+  got = np.asarray(chosen_identifiers(jnp.asarray(token_sets), jnp.asarray(count),
+                                      jnp.asarray(items), jnp.asarray(choice)))
+  rows_of = {4: [0, 2, 3], 1: [1]}  # the table rows each item owns, in table order
+  for b, r in itertools.product(range(2), range(4)):
+    item = items[b, r]
+    want = (np.zeros(3) if item < 0 else
+            table.tokens()[rows_of[item][choice[b, r] % len(rows_of[item])]])
+    np.testing.assert_array_equal(got[b, r], want)

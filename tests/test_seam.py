@@ -23,6 +23,7 @@ from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup
 from genrec_jax.tokenizers.quantizer import ResidualQuantizer
 from genrec_jax.training import loop
+from genrec_jax.training.grm import chosen_identifiers
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sharding import make_mesh, shard_batch
 from genrec_jax.training.trainer import Trainer
@@ -62,8 +63,8 @@ class ToyMethod(nnx.Module):
 def toy_loss(model, batch, key, context):
   """Cross-entropy of the identifier each example picks (`choice`) among its item's two."""
   encoded, mask = model.encode(batch["history"], context["offsets"])
-  sets = context["token_sets"][jnp.maximum(batch["target"], 0)]  # [B, 2, L + 1]
-  targets = jnp.take_along_axis(sets, batch["choice"][:, None, None], axis=1)[:, 0]
+  targets = chosen_identifiers(context["token_sets"], context["count"], batch["target"],
+                               batch["choice"])  # [B, L + 1]
   logits = model.recommender.decode(encoded, mask, jnp.pad(targets[:, :-1], ((0, 0), (1, 0))))
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(-1)
   return jnp.sum(nll * batch["weight"]) / batch["weight"].sum(), {}
@@ -111,7 +112,8 @@ def _setup():
       batch["choice"] = (np.maximum(idx, 0) % 2).astype(np.int32)  # each example's identifier
       yield shard_batch(batch, mesh), int((idx >= 0).sum())
 
-  context = {"token_sets": jnp.asarray(table.item_token_sets(NUM_ITEMS)[0]),
+  token_sets, count = table.item_token_sets(NUM_ITEMS)
+  context = {"token_sets": jnp.asarray(token_sets), "count": jnp.asarray(count),
              "offsets": jnp.asarray(table.offsets[:LEVELS])}
   return trainer, table, samples, epoch_batches, context
 

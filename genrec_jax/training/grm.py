@@ -61,6 +61,21 @@ def identifier_inputs(history: jax.Array, item_tokens: jax.Array) -> jax.Array:
   return tokens.reshape(history.shape[0], -1)
 
 
+def chosen_identifiers(token_sets: jax.Array, count: jax.Array, items: jax.Array,
+                       choice: jax.Array) -> jax.Array:
+  """Tokens int32 [..., D] of the identifier each example picks for its item, for items that
+  own several identifiers (one-to-many tables; PIT picks one per training example).
+
+  token_sets int32 [num_items, m, D] and count int32 [num_items] are
+  `IdentifierTable.item_token_sets`; items int [...] (-1 = padding: tokens 0); choice int [...]
+  >= 0, taken modulo the item's count (so a uniform random integer picks uniformly among the
+  item's identifiers). Runs inside the step.
+  """
+  safe = jnp.maximum(items, 0)
+  tokens = token_sets[safe, choice % jnp.maximum(count[safe], 1)]
+  return jnp.where(items[..., None] >= 0, tokens, 0)
+
+
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
