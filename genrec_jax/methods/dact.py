@@ -105,7 +105,8 @@ class ContinualRun:
                     for t in range(len(self.periods))]
     self.tokenizer_cfg = config.tokenizer
     self.dedup_size = self.tokenizer_cfg.dedup_size
-    self.level_sizes = (self.tokenizer_cfg.codebook_size,) * self.tokenizer_cfg.num_levels + (self.dedup_size,)
+    self.level_sizes = ((self.tokenizer_cfg.codebook_size,) * self.tokenizer_cfg.num_levels
+                        + (self.dedup_size,))
     self.dact_cfg = DACTConfig(**config.continual.dact.to_dict())
     self.recommender: GRMTrainer | None = None  # built once the vocabulary is known
     self.cf: list[np.ndarray] = []
@@ -239,7 +240,8 @@ class ContinualRun:
       if id_rule == "keep":
         table = reassign.keep_and_extend(previous, catalog, codes)
       elif id_rule == "reencode":
-        table = reassign.reencode_all(codes, catalog, self.dedup_size, self.tokenizer_cfg.codebook_size)
+        table = reassign.reencode_all(codes, catalog, self.dedup_size,
+                                      self.tokenizer_cfg.codebook_size)
       elif id_rule == "reformer":
         table = reassign.keep_and_extend(previous, catalog, codes)
       elif id_rule == "hierarchical":
@@ -324,7 +326,8 @@ class ContinualRun:
                  "best_epoch": base_state["best_epoch"] + 1,
                  "seconds": time.time() - start,
                  "tokenizer_seconds": self.tokenizer_seconds[("frozen", 0)],
-                 "code_usage": code_usage(base_table.codes[:, :-1], self.tokenizer_cfg.codebook_size)})
+                 "code_usage": code_usage(base_table.codes[:, :-1],
+                                          self.tokenizer_cfg.codebook_size)})
     logging.info("[period 0] test %s", _fmt(results["period_0"]["test"]))
     results["timing"]["period_0"] = time.time() - start
 

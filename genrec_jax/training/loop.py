@@ -5,11 +5,11 @@
 of steps): progress, refresh hooks, optional selection by a validation score. Neither owns
 model code; both stop on non-finite metrics.
 
-The epoch loop owns no model code. It calls `train_step(params, opt_state, batch, key, epoch)` (a
-jitted pure function returning the new state and a dict of scalar metrics with `loss` and
-`grad_norm`; `training.trainer.Trainer` builds it), stops with an error when an epoch's loss or
-gradient norm is not finite, evaluates with `evaluate(params) -> metrics` every `eval_every` epochs, keeps the best
-parameters by `select_metric` (model selection on validation: the returned parameters are the
+The epoch loop calls `train_step(params, opt_state, batch, key, epoch)` (a jitted pure
+function returning the new state and a dict of scalar metrics with `loss` and `grad_norm`;
+`training.trainer.Trainer` builds it), stops with an error when an epoch's loss or gradient
+norm is not finite, evaluates with `evaluate(params) -> metrics` every `eval_every` epochs,
+keeps the best parameters by `select_metric` (model selection on validation: the returned parameters are the
 best ones, not the last), stops after `patience` evaluations without improvement, and saves a
 checkpoint (params, optimizer state, best params, loop state) after every epoch. Started again
 with the same checkpoint directory it resumes after the last saved epoch and, since batch order
@@ -156,8 +156,9 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
 
   Returns:
     (params, stats): stats holds "final_losses" (the last step's metrics without the loss
-    and gradient norm: the objective's parts), "steps", "seconds", "steps_per_second" (after the first, compiling, step), and with
-    `evaluate` "evaluations" ([{"step", **metrics}]) and "selected_step".
+    and gradient norm: the objective's parts), "steps", "seconds", "steps_per_second" (after
+    the first, compiling, step), and with `evaluate` "evaluations" ([{"step", **metrics}]) and
+    "selected_step".
   """
   if steps < 1 or log_every < 1:
     raise ValueError(f"[{name}] steps and log_every must be >= 1, got {steps}, {log_every}")
