@@ -1,11 +1,11 @@
-"""DACT and every TIGER-backbone baseline of its paper on Amazon 2014 Toys (continual).
+"""DACT and every TIGER-backbone baseline of its paper (continual) on Amazon 2014 Toys.
 
-The settings and presets ("" = the paper, "cpu" = a 2-core CPU) are those of
-`genrec_jax.config.dact_config`.
+Settings and presets ("" = the paper's, "cpu" = a 2-core CPU):
+`genrec_jax.config.continual_settings`.
 """
 
-from genrec_jax.config import dact_config
+from genrec_jax.config import method_config
 
 
 def get_config(preset: str = ""):
-  return dact_config("toys", preset)
+  return method_config("continual", "toys", preset)

@@ -1,19 +1,11 @@
-"""SASRec on Amazon 2014 Beauty: the discriminative full-catalog baseline (full-softmax CE).
+"""SASRec (the discriminative baseline) on Amazon 2014 Beauty.
 
-64-d, 2 blocks, max length 50; leave-one-out with the same metrics as the generative models.
-Presets: default = up to 200 epochs (patience 5 evaluations); "cpu" = 30 epochs (~11 minutes).
+Settings and presets ("" = the paper's, "cpu" = a 2-core CPU):
+`genrec_jax.config.sasrec_settings`.
 """
 
-from genrec_jax.config import apply_preset, base_config, dataset_paths
+from genrec_jax.config import method_config
 
 
 def get_config(preset: str = ""):
-  c = base_config()
-  c.method = "sasrec"
-  dataset_paths(c, "beauty")
-  c.sasrec.hidden_dim = 64
-  c.sasrec.num_heads = 2
-  apply_preset(c, preset)
-  if preset == "cpu":  # SASRec alone: spend the CPU budget on it (~20 s per epoch)
-    c.sasrec.epochs = 30
-  return c
+  return method_config("sasrec", "beauty", preset)

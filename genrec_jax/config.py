@@ -271,8 +271,41 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   return c
 
 
-def dact_config(dataset: str, preset: str) -> ml_collections.ConfigDict:
-  """DACT and every TIGER-backbone baseline of its paper on an Amazon 2014 dataset (continual).
+
+def tiger_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """TIGER: RQ-VAE over MiniLM item text (title + categories), then T5; the paper settings
+  are `base_config`'s (4+4 layers, d_model 128, d_ff 1024, lr 1e-4, batch 256, up to 200
+  epochs, patience 15, beam 20); "cpu" is `apply_preset`'s (about 15 minutes on 2 cores)."""
+
+
+def letter_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """LETTER-TIGER: RQ-VAE with collaborative and diversity regularization.
+
+  SASRec (CE, 32-d) is trained first; its item embeddings are the collaborative signal of the
+  InfoNCE term (alpha = 0.02 as in DACT's base tokenizer; LETTER searches 0.01-0.1) and it is
+  reported as the discriminative baseline. Diversity weight 1e-4 (LETTER). 4 code levels as in
+  LETTER's paper. Presets as TIGER's.
+  """
+  c.tokenizer.num_levels = 4
+  c.tokenizer.selection = "min_collision"  # the LETTER code keeps the lowest-collision model
+  c.tokenizer.loss_reduction = "mean"  # the LETTER code: F.mse_loss, RQ loss averaged over levels
+  c.tokenizer.cf_weight = 0.02
+  c.tokenizer.diversity_weight = 1e-4
+  c.tokenizer.sinkhorn_epsilon = 0.003  # LETTER: balanced last-level codes while training
+
+
+def sasrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """SASRec, the discriminative full-catalog baseline (full-softmax CE): 64-d, 2 blocks, max
+  length 50, leave-one-out with the generative models' metrics. Presets: "" = up to 200 epochs
+  (patience 5 evaluations); "cpu" = 30 epochs (about 11 minutes on 2 cores)."""
+  c.sasrec.hidden_dim = 64
+  c.sasrec.num_heads = 2
+  if cpu:  # SASRec alone: spend the CPU budget on it
+    c.sasrec.epochs = 30
+
+
+def continual_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """DACT and every TIGER-backbone baseline of its paper (continual protocol).
 
   Pre-training on D0 (60 % of the interactions): SASRec CF embeddings (32-d), the collaborative
   tokenizer (RQ-VAE on MiniLM item text + 0.02 InfoNCE with the CF embeddings, DACT's base
@@ -285,17 +318,30 @@ def dact_config(dataset: str, preset: str) -> ml_collections.ConfigDict:
   small model of `apply_preset` with budgets for a 2-core CPU (about 40 minutes for all
   methods on Toys; the measurements behind its numbers: experiments/dact_toys_cpu/README.md).
   """
-  c = base_config()
-  c.method = "continual"
-  dataset_paths(c, dataset)
   c.tokenizer.cf_weight = 0.02
   c.tokenizer.train_unit = "steps"  # the DACT paper: 20k steps (its code: 20k epochs)
   c.tokenizer.loss_reduction = "mean"  # the DACT code: F.mse_loss, RQ loss averaged over levels
-  apply_preset(c, preset)
-  if preset == "cpu":
+  if cpu:
     c.sasrec.learning_rate = 5e-3  # the period-0 CF model converges within the budget
     c.sasrec.epochs = 12
     c.continual.retrain_epochs = 1  # retraining from scratch every period (the costliest row)
     # 200 tokenizer fine-tuning steps at 10x the paper's rate stand in for its 5,000 at 1e-4.
     c.continual.dact.learning_rate = 1e-3
+
+
+METHOD_SETTINGS = {"tiger": tiger_settings, "letter": letter_settings,
+                   "sasrec": sasrec_settings, "continual": continual_settings}
+
+
+def method_config(method: str, dataset: str, preset: str = "") -> ml_collections.ConfigDict:
+  """The config of `method` on a shared Amazon 2014 dataset ("toys", "beauty") with a preset
+  ("" = the paper's settings, "cpu" = a 2-core CPU): `base_config`, the dataset's paths,
+  `apply_preset`, then the method's own settings (`METHOD_SETTINGS`, documented there)."""
+  if method not in METHOD_SETTINGS:
+    raise ValueError(f"unknown method {method!r}; one of {sorted(METHOD_SETTINGS)}")
+  c = base_config()
+  c.method = method
+  dataset_paths(c, dataset)
+  apply_preset(c, preset)
+  METHOD_SETTINGS[method](c, cpu=preset == "cpu")
   return c

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from genrec_jax.config import CONTINUAL_METHODS, ConfigError, base_config, check_config
+from genrec_jax.config import (CONTINUAL_METHODS, ConfigError, base_config, check_config,
+                               method_config)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
@@ -37,6 +38,13 @@ def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
     assert (paper.tokenizer.train_unit, paper.tokenizer.loss_reduction) == ("steps", "mean")
   assert (paper.grm.warmup_steps, paper.grm.grad_clip, paper.grm.loss_reduction) == (0, 0.0,
                                                                                      "mean")
+
+
+def test_method_config_names_unknown_methods_and_presets():
+  with pytest.raises(ValueError, match="unknown method 'tigr'"):
+    method_config("tigr", "toys")
+  with pytest.raises(ValueError, match="unknown preset 'gpu'"):
+    method_config("tiger", "toys", "gpu")
 
 
 def test_every_method_name_has_a_module():
