@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "toys"  # Dataset name reported in results.json.
   c.data.path = os.path.join(SHARED_DATA, "toys", "interactions.csv")  # Raw interactions file.
-  c.data.format = "auto"  # "auto" | "csv" | "mcauley_json" | "ratings_csv".
+  c.data.format = "auto"  # "auto" | "csv" | "mcauley_json" | "ratings_csv" | "amazon2023_jsonl".
   c.data.items_csv = os.path.join(SHARED_DATA, "toys", "items.csv")  # Item text (title, cats).
   c.data.min_count = 5  # k of the k-core filter on users and items.
   c.data.max_history = 20  # Most recent items kept in a history (20 in TIGER/LETTER/DACT).
@@ -159,7 +159,7 @@ METHOD_NAMES = ("tiger", "letter", "sasrec", "continual")  # keys of methods.REG
 CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
 CHOICES = {
     "method": METHOD_NAMES,
-    "data.format": ("auto", "csv", "mcauley_json", "ratings_csv"),
+    "data.format": ("auto", "csv", "mcauley_json", "ratings_csv", "amazon2023_jsonl"),
     "embeddings.source": ("minilm", "file", "cf"),
     "sasrec.loss": ("ce", "bce"),
     "tokenizer.loss_reduction": ("sum", "mean"),

@@ -183,6 +183,32 @@ def test_formats_give_identical_interactions(tmp_path):
     _assert_inter_equal(load_interactions(paths["gz"], "mcauley_json", min_count=2), expected)
 
 
+def test_amazon2023_reviews_are_read_in_millisecond_order_and_floored_to_seconds(tmp_path):
+    def record(user, item, ms):
+        return json.dumps({"rating": 5.0, "title": "t", "asin": item + "-variant",
+                           "parent_asin": item, "user_id": user, "timestamp": ms,
+                           "verified_purchase": True}) + "\n"
+
+    # u1's "b" and "a" fall in the same second; "a" is 300 ms earlier but later in the file.
+    text = (record("u1", "b", 5_000_700) + record("u2", "a", 1_000_000)
+            + record("u1", "a", 5_000_400) + record("u2", "b", 9_999_999))
+    path = _write(tmp_path / "Toys_and_Games.jsonl", text)
+    raw = read_interactions(path)
+    _assert_raw_equal(raw, _raw([("u2", "a", 1000), ("u1", "a", 5000), ("u1", "b", 5000),
+                                 ("u2", "b", 9999)], source=str(path)))
+    inter = load_interactions(path, min_count=1)
+    item_ids = list(inter.item_ids)
+    assert [item_ids[i] for i in inter.item[inter.user == 0]] == ["a", "b"]  # u1: a then b
+    gz = tmp_path / "reviews.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(text)
+    _assert_raw_equal(read_interactions(gz, "amazon2023_jsonl"), _raw(
+        [("u2", "a", 1000), ("u1", "a", 5000), ("u1", "b", 5000), ("u2", "b", 9999)],
+        source=str(gz)))
+    _raises(_write(tmp_path / "no_parent.jsonl", '{"user_id": "u", "timestamp": 1}\n'),
+            "line 1: missing JSON key.*parent_asin", fmt="amazon2023_jsonl")
+
+
 # ------------------------------------------------------------------------------ errors
 
 

@@ -1,12 +1,16 @@
 """Reading, k-core filtering and indexing of user-item interaction logs.
 
-Three on-disk formats are read into one `RawInteractions` (string ids, file order kept):
+Four on-disk formats are read into one `RawInteractions` (string ids, file order kept):
 
 - "csv": a header naming at least the columns user, item, timestamp (any order, extra
   columns ignored), e.g. shared/data/amazon2014/*/interactions.csv;
 - "mcauley_json": McAuley's 5-core review dumps, one JSON object per line (optionally
   gzipped) with the keys reviewerID, asin, unixReviewTime;
 - "ratings_csv": McAuley's headerless ratings files, rows user,item,rating,timestamp.
+- "amazon2023_jsonl": Amazon Reviews 2023 review files (ETEGRec's data), one JSON object per
+  line (optionally gzipped) with the keys user_id, parent_asin (the item, as ETEGRec) and
+  timestamp in milliseconds. The reader floors timestamps to seconds after a stable sort of the
+  rows by their milliseconds, so events of one second keep their true order.
 
 `k_core_filter` then applies the iterative k-core filter of PROTOCOLS.md section 1 and
 `index_interactions` maps raw ids to dense indices and sorts each user's rows by time
@@ -25,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("csv", "mcauley_json", "ratings_csv")
+FORMATS = ("csv", "mcauley_json", "ratings_csv", "amazon2023_jsonl")
 _CSV_COLUMNS = ("user", "item", "timestamp")
-_JSON_KEYS = ("reviewerID", "asin", "unixReviewTime")
+# JSON-lines formats: (user key, item key, timestamp key), timestamp units per second.
+_JSON_FORMATS = {"mcauley_json": (("reviewerID", "asin", "unixReviewTime"), 1),
+                 "amazon2023_jsonl": (("user_id", "parent_asin", "timestamp"), 1000)}
 
 
 class DataError(ValueError):
@@ -175,8 +181,10 @@ def _read_csv(path: Path, header: bool) -> RawInteractions:
     )
 
 
-def _read_mcauley_json(path: Path) -> RawInteractions:
+def _read_json_lines(path: Path, fmt: str) -> RawInteractions:
+    """A JSON-lines format of `_JSON_FORMATS`: one object per line, blank lines skipped."""
     source = str(path)
+    keys, per_second = _JSON_FORMATS[fmt]
     users, items, times = [], [], []
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
@@ -188,18 +196,19 @@ def _read_mcauley_json(path: Path) -> RawInteractions:
                 raise DataError(f"{source}: line {line_no}: JSON decode error: {e}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{source}: line {line_no}: expected a JSON object")
-            missing = [k for k in _JSON_KEYS if k not in record]
+            missing = [k for k in keys if k not in record]
             if missing:
                 raise DataError(
-                    f"{source}: line {line_no}: missing JSON key(s) {', '.join(missing)}"
+                    f"{source}: line {line_no}: missing JSON key(s) {', '.join(missing)} "
+                    f"(format {fmt} needs {', '.join(keys)})"
                 )
-            user, item, t = (record[k] for k in _JSON_KEYS)
+            user, item, t = (record[k] for k in keys)
             if type(t) is not int or not 0 <= t < 2**63:
                 raise DataError(
-                    f"{source}: line {line_no}: bad timestamp unixReviewTime={t!r} "
+                    f"{source}: line {line_no}: bad timestamp {keys[2]}={t!r} "
                     "(expected a non-negative integer)"
                 )
-            for key, value in (("reviewerID", user), ("asin", item)):
+            for key, value in zip(keys[:2], (user, item)):
                 if not isinstance(value, str) or not value:
                     raise DataError(f"{source}: line {line_no}: bad {key} {value!r}")
             users.append(user)
@@ -207,26 +216,34 @@ def _read_mcauley_json(path: Path) -> RawInteractions:
             times.append(t)
     if not times:
         raise DataError(f"{source}: empty file (no interaction records)")
+    times = np.asarray(times, dtype=np.int64)
+    order = np.argsort(times, kind="stable") if per_second > 1 else np.arange(len(times))
     return RawInteractions(
-        np.asarray(users, dtype=str),
-        np.asarray(items, dtype=str),
-        np.asarray(times, dtype=np.int64),
+        np.asarray(users, dtype=str)[order],
+        np.asarray(items, dtype=str)[order],
+        times[order] // per_second,
         source,
     )
 
 
 def _detect_format(path: Path) -> str:
-    """JSON by extension or a leading '{'; else ratings_csv if the first line has 4 fields
-    ending in an integer, else csv (which then checks the header)."""
-    name = path.name.lower()
-    if name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
-        return "mcauley_json"
-    with _open_text(path) as f:
-        first = f.readline()
+    """JSON lines by extension or a leading '{' (amazon2023_jsonl when the first record has
+    parent_asin, else mcauley_json); else ratings_csv if the first line has 4 fields ending in
+    an integer, else csv (which then checks the header)."""
+    json_name = path.name.lower().endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))
+    try:
+        with _open_text(path) as f:
+            first = f.readline()
+            while first and not first.strip():
+                first = f.readline()
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
+        if json_name:  # the reader reports what is wrong with the file
+            return "mcauley_json"
+        raise
     if not first.strip():
         raise DataError(f"{path}: empty file")
-    if first.lstrip().startswith("{"):
-        return "mcauley_json"
+    if json_name or first.lstrip().startswith("{"):
+        return "amazon2023_jsonl" if '"parent_asin"' in first else "mcauley_json"
     fields = next(csv.reader([first]))
     if len(fields) == 4 and fields[3].strip().isdigit():
         return "ratings_csv"
@@ -238,7 +255,7 @@ def read_interactions(path: str | Path, fmt: str = "auto") -> RawInteractions:
 
     Args:
       path: the file; a name ending in .gz is gunzipped.
-      fmt: one of "csv", "mcauley_json", "ratings_csv" or "auto" (see the module docstring).
+      fmt: one of `FORMATS` or "auto" (see the module docstring).
     """
     path = Path(path)
     if fmt not in FORMATS + ("auto",):
@@ -247,11 +264,11 @@ def read_interactions(path: str | Path, fmt: str = "auto") -> RawInteractions:
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
-    if fmt == "auto":
-        fmt = _detect_format(path)
     try:
-        if fmt == "mcauley_json":
-            return _read_mcauley_json(path)
+        if fmt == "auto":
+            fmt = _detect_format(path)
+        if fmt in _JSON_FORMATS:
+            return _read_json_lines(path, fmt)
         return _read_csv(path, header=fmt == "csv")
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, csv.Error) as e:
         raise DataError(f"{path}: cannot read as {fmt}: {e}") from None
