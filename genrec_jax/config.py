@@ -292,8 +292,6 @@ def letter_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   c.tokenizer.cf_weight = 0.02
   c.tokenizer.diversity_weight = 1e-4
   c.tokenizer.sinkhorn_epsilon = 0.003  # LETTER: balanced last-level codes while training
-  if cpu:
-    c.sasrec.learning_rate = 5e-3  # the CF model's 4 epochs reach a useful signal
 
 
 def sasrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
