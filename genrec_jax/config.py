@@ -315,7 +315,7 @@ def continual_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   Presets: "" = the paper (TIGER 4+4 layers, d_ff 1024, lr 1e-4, batch 256, up to 200 epochs
   per period with early stopping; tokenizer fine-tuning 5,000 steps at lr 1e-4, batch 1024,
   rho 0.3, tau 0.1, 32 slots, KL weight 5, stationary weight 0.1, alpha 0.02); "cpu" = the
-  small model of `apply_preset` with budgets for a 2-core CPU (about 40 minutes for all
+  small model of `apply_preset` with budgets for a 2-core CPU (52 minutes for all
   methods on Toys; the measurements behind its numbers: experiments/dact_toys_cpu/README.md).
   """
   c.tokenizer.cf_weight = 0.02
