@@ -88,8 +88,7 @@ def psa_loss(reconstruction: jax.Array, preference: jax.Array, mask: jax.Array,
   logits = normalise(reconstruction) @ normalise(preference).T / temperature  # [B, B]
   keep = mask[:, None] & mask[None, :]
   logits = jnp.where(keep, logits, -jnp.inf)
-  weight = mask.astype(logits.dtype)
-  count = jnp.maximum(weight.sum(), 1.0)
+  count = jnp.maximum(mask.sum(), 1)
 
   def direction(scores):
     log_probs = jax.nn.log_softmax(jnp.where(mask[:, None], scores, 0.0), axis=-1)

@@ -166,7 +166,7 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
     raise ValueError(f"[{name}] evaluation needs eval_every >= 1 and a select_metric, got "
                      f"{eval_every}, {select_metric!r}")
   t0 = t_compiled = time.time()
-  metrics, evaluations, best = {}, [], None
+  values, evaluations, best, done = {}, [], None, 0
   for step, batch in zip(range(steps), batches):
     if before_step is not None:
       params = before_step(step, params)
@@ -191,12 +191,12 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
       logging.info("[%s] step %d/%d %s  %.1f steps/s  ETA %.0fs", name, done, steps,
                    " ".join(f"{k} {v:.4f}" for k, v in values.items()), done / elapsed,
                    elapsed / done * (steps - done))
-  if not metrics:
-    raise ValueError(f"[{name}] the batch iterator yielded no batch")
+  if done < steps:
+    raise ValueError(f"[{name}] the batch iterator ended after {done} of {steps} steps")
+  # the last step always logs, so `values` holds its metrics
   jax.block_until_ready(params)
   t_end = time.time()
-  stats = {"final_losses": {k: float(v) for k, v in jax.device_get(metrics).items()
-                             if k not in ("loss", "grad_norm")},
+  stats = {"final_losses": {k: v for k, v in values.items() if k not in ("loss", "grad_norm")},
            "steps": steps, "seconds": t_end - t0,
            "steps_per_second": (steps - 1) / (t_end - t_compiled) if steps > 1
            else 1.0 / (t_end - t0)}
