@@ -17,7 +17,8 @@ SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run, with the TIGER/DACT paper settings as defaults."""
   c = ml_collections.ConfigDict()
-  c.method = "tiger"  # "tiger" | "letter" | "sasrec" | "continual" (DACT + baselines).
+  c.method = "tiger"  # "tiger" | "letter" | "sasrec" | "continual" (DACT + baselines) |
+  #   "etegrec".
   c.seed = 0  # Seeds every random choice (init, batch order, dropout): same seed, same numbers.
   c.compilation_cache_dir = os.path.expanduser("~/.cache/genrec_jax/xla")  # JAX persistent
   #   compilation cache: a rerun or resume skips recompiling every shape ("" = off).
@@ -99,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grm.eval_batch_size = 256  # Users per beam-search batch.
   c.grm.beam_size = 20  # Beams = ranked items returned per user.
   c.grm.constrained = True  # Trie-constrained decoding (False: ETEGRec/UniGRec protocol).
+  c.grm.level_softmax = False  # One softmax per identifier position over its own tokens, in
+  #   training and decoding (ETEGRec's per-position tables); False: one over the vocabulary.
   c.grm.length_buckets = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)  # History-length buckets (items):
   #   a batch is padded to its bucket, so compute follows the real history lengths; each
   #   bucket is one more compiled shape (cached on disk, see compilation_cache_dir).
@@ -148,6 +151,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual.dact.warmup_steps = 50  # Linear warm-up, then linear decay to 0.
   c.continual.dact.grad_clip = 1.0  # Global gradient-norm clipping.
   c.continual.dact.log_every = 500  # Steps between progress lines.
+
+  c.etegrec = ml_collections.ConfigDict()  # Used by method "etegrec" (METHODS.md section 6).
+  c.etegrec.cycle = 2  # C: one tokenizer epoch, then C - 1 recommender epochs (paper: 2 or 4).
+  c.etegrec.alternate = True  # False: both sides every epoch (the ablation w/o AT).
+  c.etegrec.end_to_end = True  # False: a fresh recommender retrained on the final identifiers
+  #   (the ablation w/o ETE) instead of the second stage from the joint one.
+  c.etegrec.sia_weight = 3e-4  # mu, sequence-item alignment (paper; official config 1e-4).
+  c.etegrec.psa_weight = 1e-4  # lambda, preference-semantic alignment (paper; official 3e-4).
+  c.etegrec.sia_logit_sign = "distance"  # SIA code distributions softmax(-d) "distance"
+  #   (paper) | softmax(+d) "code" (official code).
+  c.etegrec.sia_level_reduction = "sum"  # SIA over levels: "sum" (paper) | "mean" (code).
+  c.etegrec.psa_temperature = 0.07  # InfoNCE temperature of PSA.
+  c.etegrec.align_warmup_epochs = 10  # Epochs before the alignment losses switch on.
+  c.etegrec.epochs = 400  # Joint-stage epoch budget.
+  c.etegrec.eval_every = 2  # Epochs between validations of the joint stage.
+  c.etegrec.patience = 15  # Evaluations without improvement before the joint stage stops.
+  c.etegrec.recommender_lr = 5e-3  # AdamW, cosine after warm-up.
+  c.etegrec.recommender_warmup_steps = 8000  # Recommender updates of linear warm-up.
+  c.etegrec.tokenizer_lr = 1e-4  # AdamW, cosine after warm-up.
+  c.etegrec.tokenizer_warmup_steps = 4000  # Tokenizer updates of linear warm-up.
+  c.etegrec.weight_decay = 0.05  # Both optimizers (and the second stage).
+  c.etegrec.grad_clip = 1.0  # Global gradient-norm clipping of every update.
+  c.etegrec.finetune_epochs = 100  # Second stage (tokenizer frozen): epoch budget (0 = none).
+  c.etegrec.finetune_lr = 5e-4  # Second stage: AdamW, cosine, no warm-up.
+  c.etegrec.finetune_patience = 10  # Second stage: validation every epoch.
   return c
 
 
@@ -155,7 +183,7 @@ class ConfigError(ValueError):
   """A config field that makes no sense; the message names the field and the fix."""
 
 
-METHOD_NAMES = ("tiger", "letter", "sasrec", "continual")  # keys of methods.REGISTRY
+METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec")  # methods.REGISTRY
 CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
 CHOICES = {
     "method": METHOD_NAMES,
@@ -168,13 +196,16 @@ CHOICES = {
     "tokenizer.cf_similarity": ("cosine", "dot"),
     "grm.loss_reduction": ("mean", "sum"),
     "grm.batch_grouping": ("length", "random"),
+    "etegrec.sia_logit_sign": ("distance", "code"),
+    "etegrec.sia_level_reduction": ("sum", "mean"),
 }
 POSITIVE = ("data.max_history", "sasrec.hidden_dim", "sasrec.epochs", "sasrec.batch_size",
             "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
             "tokenizer.codebook_size", "tokenizer.dedup_size", "tokenizer.train_length",
             "tokenizer.batch_size", "grm.d_model", "grm.epochs", "grm.eval_every",
             "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "continual.dact.steps",
-            "continual.dact.batch_size", "continual.min_test_history")
+            "continual.dact.batch_size", "continual.min_test_history", "etegrec.cycle",
+            "etegrec.epochs", "etegrec.eval_every")
 
 
 def _field(config: ml_collections.ConfigDict, name: str):
@@ -329,8 +360,49 @@ def continual_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
     c.continual.dact.learning_rate = 1e-3
 
 
+def etegrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """ETEGRec: SASRec item embeddings (256-d) -> RQ-VAE (256-512-256-128, 3 x 256 codes of
+  128, pretrained with k-means init: 10,000 epochs, AdamW 1e-3) -> joint stage with a T5 of
+  6+6 layers, d_model 128, d_ff 512, 4 heads of 64, histories of up to 50 items, batch 2048
+  (the official 512 x 4 GPUs), one softmax per identifier position, unconstrained beam search
+  (the paper's protocol: an invalid identifier is a miss; results.json also reports the
+  trie-constrained search). `etegrec` fields: the paper's weights and schedule.
+
+  "cpu" (about 20 minutes on 2 cores): `apply_preset`'s small T5 and 1,000 tokenizer steps,
+  a 64-d SASRec (lr 5e-3, 6 epochs), histories of 20, batch 256, a joint stage of 4 epochs
+  (tokenizer, recommender, tokenizer, recommender; alignment from epoch 3) and 2 second-stage
+  epochs.
+  """
+  c.embeddings.source = "cf"
+  c.tokenizer.hidden_dims = (512, 256)
+  c.tokenizer.latent_dim = 128
+  c.tokenizer.loss_reduction = "mean"  # the official code: F.mse_loss, RQ averaged over levels
+  c.grm.level_softmax = True
+  c.grm.constrained = False
+  if not cpu:
+    c.sasrec.hidden_dim = 256
+    c.tokenizer.train_length = 10000
+    c.grm.num_encoder_layers = 6
+    c.grm.num_decoder_layers = 6
+    c.grm.d_ff = 512
+    c.grm.num_heads = 4
+    c.grm.batch_size = 2048
+    c.data.max_history = 50
+    c.grm.length_buckets = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50)
+    return
+  c.sasrec.hidden_dim = 64
+  c.sasrec.learning_rate = 5e-3
+  c.sasrec.epochs = 6
+  c.etegrec.epochs = 4
+  c.etegrec.align_warmup_epochs = 2
+  c.etegrec.recommender_warmup_steps = 200
+  c.etegrec.tokenizer_warmup_steps = 100
+  c.etegrec.finetune_epochs = 2
+
+
 METHOD_SETTINGS = {"tiger": tiger_settings, "letter": letter_settings,
-                   "sasrec": sasrec_settings, "continual": continual_settings}
+                   "sasrec": sasrec_settings, "continual": continual_settings,
+                   "etegrec": etegrec_settings}
 
 
 def method_config(method: str, dataset: str, preset: str = "") -> ml_collections.ConfigDict:

@@ -102,16 +102,17 @@ def cf_model(config: ml_collections.ConfigDict, inter: Interactions, mesh, workd
 def item_tokenizer(config: ml_collections.ConfigDict, inter: Interactions, workdir: str,
                    cf: np.ndarray | None, timer: Timer,
                    regularizer: TokenizerRegularizer | None = None
-                   ) -> tuple[IdentifierTable, dict]:
+                   ) -> tuple[IdentifierTable, dict, RQVAE, np.ndarray]:
   """Tokenizer inputs (timed as `embeddings`), the trained tokenizer (with a method's
   `regularizer` terms) and its identifier table (stage `tokenizer`,
-  WORKDIR/identifiers.csv), with the tokenizer's statistics."""
+  WORKDIR/identifiers.csv). Returns the table, the tokenizer's statistics, the tokenizer and
+  its inputs [num_items, D_in]."""
   features = item_features(config, inter.item_ids, cf)
   timer.lap("embeddings")
-  table, stats = train_or_restore_tokenizer(config, workdir, features, cf, regularizer)
+  table, stats, model = train_or_restore_tokenizer(config, workdir, features, cf, regularizer)
   write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), table, inter.item_ids)
   timer.lap("tokenizer")
-  return table, {**stats, "input": config.embeddings.source}
+  return table, {**stats, "input": config.embeddings.source}, model, features
 
 
 def generative_recommender(config: ml_collections.ConfigDict, table: IdentifierTable,
@@ -170,21 +171,32 @@ def sasrec_trainer(config, num_items: int, mesh) -> SASRecTrainer:
 
 
 def grm_trainer(config, vocab_size: int, mesh) -> GRMTrainer:
+  return GRMTrainer(grm_model_config(config, vocab_size), grm_train_config(config), mesh,
+                    seed=config.seed)
+
+
+def grm_model_config(config, vocab_size: int) -> T5Config:
   g = config.grm
-  model_cfg = T5Config(vocab_size=vocab_size, d_model=g.d_model, d_ff=g.d_ff,
-                       num_heads=g.num_heads, d_kv=g.d_kv,
-                       num_encoder_layers=g.num_encoder_layers,
-                       num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate)
-  train_cfg = GRMTrainConfig(
+  return T5Config(vocab_size=vocab_size, d_model=g.d_model, d_ff=g.d_ff,
+                  num_heads=g.num_heads, d_kv=g.d_kv, num_encoder_layers=g.num_encoder_layers,
+                  num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate)
+
+
+def grm_train_config(config) -> GRMTrainConfig:
+  g = config.grm
+  tok = config.tokenizer
+  level_sizes = (tok.codebook_size,) * tok.num_levels + (tok.dedup_size,)
+  return GRMTrainConfig(
       learning_rate=g.learning_rate, weight_decay=g.weight_decay, warmup_steps=g.warmup_steps,
       grad_clip=g.grad_clip, loss_reduction=g.loss_reduction,
       batch_grouping=g.batch_grouping, batch_size=g.batch_size,
       eval_batch_size=g.eval_batch_size,
-      beam_size=g.beam_size, constrained=g.constrained, length_buckets=tuple(g.length_buckets),
+      beam_size=g.beam_size, constrained=g.constrained,
+      level_softmax=level_sizes if g.level_softmax else (),
+      length_buckets=tuple(g.length_buckets),
       loop=LoopConfig(epochs=g.epochs, eval_every=g.eval_every, patience=g.patience,
                       select_metric=g.select_metric, seed=config.seed,
                       max_train_seconds=g.max_train_minutes * 60 or None))
-  return GRMTrainer(model_cfg, train_cfg, mesh, seed=config.seed)
 
 
 def rqvae_config(config, input_dim: int) -> RQVAEConfig:
@@ -227,8 +239,9 @@ def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.nda
 def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
                                cf: np.ndarray | None,
                                regularizer: TokenizerRegularizer | None = None
-                               ) -> tuple[IdentifierTable, dict]:
-  """Stage `tokenizer`: trains the RQ-VAE once; later runs restore weights and code table."""
+                               ) -> tuple[IdentifierTable, dict, RQVAE]:
+  """Stage `tokenizer`: trains the RQ-VAE once; later runs restore weights and code table.
+  Returns the identifier table, the training statistics and the tokenizer."""
   model_cfg = rqvae_config(config, features.shape[1])
   tok = config.tokenizer
   n, depth = features.shape[0], tok.num_levels + 1
@@ -241,7 +254,8 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
              "code_table": {"codes": table.codes, "item": table.item}},
             {**stats, **train_stats})
 
-  templates = {"tokenizer": nnx.state(RQVAE(model_cfg, rngs=nnx.Rngs(0))),
+  model = RQVAE(model_cfg, rngs=nnx.Rngs(0))
+  templates = {"tokenizer": nnx.state(model),
                "code_table": {"codes": np.zeros((n, depth), np.int32),
                               "item": np.zeros((n,), np.int32)}}
   items, stats = restore_or_run(os.path.join(workdir, "checkpoints", "tokenizer"), templates,
@@ -249,7 +263,8 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
   table = IdentifierTable(np.asarray(items["code_table"]["codes"]),
                           np.asarray(items["code_table"]["item"]),
                           (tok.codebook_size,) * tok.num_levels + (tok.dedup_size,))
-  return table, stats
+  nnx.update(model, items["tokenizer"])
+  return table, stats, model
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,

@@ -39,7 +39,8 @@ def _brute_force_scores(model, inputs, table):
   return jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0].sum(-1).reshape(b, m)
 
 
-def _search(model, inputs, table, beam, constrained=True, cached=True, trie=None):
+def _search(model, inputs, table, beam, constrained=True, cached=True, trie=None,
+            level_softmax=False):
   """Beam search driven by the model's K/V cache, or (cached=False) by re-running the decoder
   on the whole prefix, carried as the search state."""
   enc, mask = model.encode(inputs)
@@ -58,7 +59,8 @@ def _search(model, inputs, table, beam, constrained=True, cached=True, trie=None
                  (prefix_step, jnp.zeros((b, 0), jnp.int32)))
   trie = jax.tree.map(jnp.asarray, trie or build_trie(table))
   return jax.jit(lambda: beam_search(step, state, b, trie, tuple(table.offsets.tolist()),
-                                     table.level_sizes, beam, constrained=constrained))()
+                                     table.level_sizes, beam, constrained=constrained,
+                                     level_softmax=level_softmax))()
 
 
 def test_beam_as_large_as_catalog_equals_exhaustive_scoring():
@@ -227,3 +229,31 @@ def test_chosen_identifiers_pick_each_examples_identifier_modulo_its_items_count
     want = (np.zeros(3) if item < 0 else
             table.tokens()[rows_of[item][choice[b, r] % len(rows_of[item])]])
     np.testing.assert_array_equal(got[b, r], want)
+
+
+def test_level_softmax_search_scores_each_position_over_its_own_tokens():
+  """With `level_softmax` an identifier's score is the sum over positions of the log-softmax of
+  the decoder's logits restricted to that position's tokens (per-level tables), computed here
+  by teacher forcing in NumPy; a beam as large as the catalog returns every item at that
+  score."""
+  table = _table()
+  model = _model(table)
+  inputs = jnp.asarray(np.random.default_rng(2).integers(1, table.vocab_size, (2, 9)))
+  beam = table.codes.shape[0]
+  items, _, scores = _search(model, inputs, table, beam, level_softmax=True)
+  targets = table.tokens()
+  enc, mask = model.encode(inputs)
+  for b in range(2):
+    logits = np.asarray(model.decode(jnp.repeat(enc[b:b + 1], beam, 0),
+                                     jnp.repeat(mask[b:b + 1], beam, 0),
+                                     jnp.pad(jnp.asarray(targets[:, :-1]), ((0, 0), (1, 0)))))
+    expected = np.zeros(beam)
+    for pos, (offset, size) in enumerate(zip(table.offsets, table.level_sizes)):
+      block = logits[:, pos, offset:offset + size].astype(np.float64)
+      block = block - block.max(-1, keepdims=True)
+      logp = block - np.log(np.exp(block).sum(-1, keepdims=True))
+      expected += logp[np.arange(beam), targets[:, pos] - offset]
+    np.testing.assert_allclose(np.asarray(scores[b]), np.sort(expected)[::-1], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(expected[np.asarray(items[b])], np.asarray(scores[b]),
+                               rtol=1e-4, atol=1e-4)

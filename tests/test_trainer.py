@@ -165,3 +165,28 @@ def test_item_batches_cover_each_pass_once_and_drop_the_partial_batch():
   np.testing.assert_array_equal(np.concatenate([next(again) for _ in range(2)]),
                                 np.concatenate(first_pass))
   assert len(next(item_batches(3, 8, seed=0))) == 3  # fewer items than a batch: one full pass
+
+
+def test_fit_refreshes_after_each_epoch_before_evaluation_and_records_the_stats(tmp_path):
+  mesh = make_mesh()
+  trainer = Trainer(TwoParts(), squared_error, {"a": optax.adam(1e-2), "b": optax.adam(1e-2)},
+                    mesh)
+  batch = shard_batch(_batch(), mesh)
+  evaluated = []
+
+  def refresh(epoch, params):  # a method's per-epoch refresh: here, reset `b`'s kernel
+    params = dict(params)
+    params["b"] = jax.tree.map(jnp.zeros_like, params["b"])
+    return params, {"refreshed_after": epoch}
+
+  def evaluate(params):
+    evaluated.append(float(np.abs(_flat(trainer, params)["wb"]).sum()))
+    return {"ndcg@10": float(len(evaluated))}
+
+  params, state = trainer.fit(
+      name="toy", epoch_batches=lambda epoch: [(batch, 8)], evaluate=evaluate,
+      loop_cfg=LoopConfig(epochs=2, eval_every=1), checkpoint_dir=str(tmp_path / "a"),
+      context={"scale": jnp.float32(1.0)}, after_epoch=refresh)
+  assert [h["refreshed_after"] for h in state["history"]] == [0, 1]
+  assert evaluated == [0.0, 0.0]  # evaluation sees the refreshed parameters
+  np.testing.assert_array_equal(_flat(trainer, params)["wb"], 0.0)  # and so do the results

@@ -32,7 +32,7 @@ StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
                 offsets: tuple[int, ...], level_sizes: tuple[int, ...], beam_size: int, *,
-                constrained: bool = True, start_token: int = 0
+                constrained: bool = True, level_softmax: bool = False, start_token: int = 0
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Finds the top `beam_size` identifiers per example.
 
@@ -47,6 +47,9 @@ def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
     level_sizes: symbols per position (static).
     beam_size: beams kept per example.
     constrained: restrict beams to trie prefixes.
+    level_softmax: renormalise each step's log-probabilities over its position's symbols (a
+      model trained with one softmax per identifier position, ETEGRec's per-level tables);
+      False scores the symbols by the model's log-probabilities over its whole vocabulary.
     start_token: the decoder's first input token.
 
   Returns:
@@ -67,6 +70,8 @@ def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
       logp = logp.reshape(batch_size, beam_size, -1)
     size = level_sizes[pos]
     logp = logp[..., offsets[pos]:offsets[pos] + size]
+    if level_softmax:
+      logp = jax.nn.log_softmax(logp, axis=-1)
     child = trie.children[jnp.maximum(nodes, 0)][..., :size]  # [B, beam, size]
     child = jnp.where(nodes[..., None] >= 0, child, -1)
     candidate = scores[..., None] + logp

@@ -16,7 +16,8 @@ import ml_collections
 from genrec_jax.config import ConfigError
 
 # config.method -> module of genrec_jax.methods ("continual": DACT with its baselines).
-REGISTRY = {"tiger": "tiger", "letter": "letter", "sasrec": "sasrec", "continual": "dact"}
+REGISTRY = {"tiger": "tiger", "letter": "letter", "sasrec": "sasrec", "continual": "dact",
+            "etegrec": "etegrec"}
 
 
 def method_module(name: str) -> ModuleType:

@@ -28,7 +28,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, collaborative: bool = F
     cf, sasrec_metrics = stages.cf_model(config, inter, mesh, workdir)
     results["baselines"] = {"sasrec": sasrec_metrics}
     timer.lap("sasrec")
-  table, results["tokenizer"] = stages.item_tokenizer(config, inter, workdir, cf, timer,
-                                                      regularizer)
+  table, results["tokenizer"], _, _ = stages.item_tokenizer(config, inter, workdir, cf, timer,
+                                                            regularizer)
   results.update(stages.generative_recommender(config, table, split, mesh, workdir, timer))
   return stages.finish(results, timer, workdir)

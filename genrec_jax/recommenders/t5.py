@@ -343,8 +343,7 @@ class T5(nnx.Module):
     `memory` is either encoder states [B, T, d_model] or their `decoder_memory`; G >= 1 decoder
     rows per example (beams) share it, rows grouped by example (teacher forcing, scoring).
     """
-    h, _ = self._decoder_states(memory, encoder_mask, decoder_tokens, key, None)
-    return self._logits(h)
+    return self.logits(self.decoder_states(memory, encoder_mask, decoder_tokens, key))
 
   def init_cache(self, rows: int) -> list[tuple[jax.Array, jax.Array]]:
     """An empty decoder self-attention cache for `rows` decoder rows (no positions yet)."""
@@ -358,10 +357,17 @@ class T5(nnx.Module):
     follow the P positions held in `cache` ([R, P, H, d_kv] per block), and the cache extended
     by S positions. Equal to `decode` on the whole prefix at its last position, at the cost of
     the new positions only; R = B * G rows share `memory` as in `decode`."""
-    h, cache = self._decoder_states(memory, encoder_mask, decoder_tokens, None, cache)
-    return self._logits(h[:, -1]), cache
+    h, cache = self._decoder_stack(memory, encoder_mask, decoder_tokens, None, cache)
+    return self.logits(h[:, -1]), cache
 
-  def _decoder_states(self, memory, encoder_mask, decoder_tokens, key, cache):
+  def decoder_states(self, memory, encoder_mask: jax.Array, decoder_tokens: jax.Array,
+                     key: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced decoder states [R, S, d_model] for decoder inputs [R, S] (causal;
+    `memory` as in `decode`): what `logits` maps to the vocabulary, and what methods that align
+    the decoder's state with other signals read (ETEGRec's start-step state)."""
+    return self._decoder_stack(memory, encoder_mask, decoder_tokens, key, None)[0]
+
+  def _decoder_stack(self, memory, encoder_mask, decoder_tokens, key, cache):
     if not isinstance(memory, list):
       memory = self.decoder_memory(memory)
     s = decoder_tokens.shape[1]
@@ -370,7 +376,7 @@ class T5(nnx.Module):
     return self.decoder(self.embed(decoder_tokens), causal[None, None], key, memory,
                         encoder_mask[:, None, None, :], cache)
 
-  def _logits(self, h: jax.Array) -> jax.Array:
+  def logits(self, h: jax.Array) -> jax.Array:
     """Decoder states [..., d_model] -> vocabulary logits (tied embedding, T5 rescale)."""
     return (h * self.cfg.d_model ** -0.5) @ self.embed.embedding[...].T
 

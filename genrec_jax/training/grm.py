@@ -43,6 +43,7 @@ class GRMTrainConfig:
   learning_rate: float = 1e-4
   weight_decay: float = 0.01
   warmup_steps: int = 0
+  decay_steps: int = 0  # > 0: cosine decay to 0 over this many updates after the warm-up
   grad_clip: float = 0.0
   loss_reduction: str = "mean"
   batch_grouping: str = "length"
@@ -50,6 +51,9 @@ class GRMTrainConfig:
   eval_batch_size: int = 256
   beam_size: int = 20
   constrained: bool = True
+  level_softmax: tuple[int, ...] = ()  # the identifier's level sizes: one softmax per
+  #   position over its own tokens (ETEGRec's per-position tables), in training and decoding;
+  #   () = one softmax over the whole vocabulary (TIGER)
   length_buckets: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)
   loop: loop.LoopConfig = loop.LoopConfig(epochs=200, patience=15)
 
@@ -79,25 +83,58 @@ def chosen_identifiers(token_sets: jax.Array, count: jax.Array, items: jax.Array
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
+def target_tokens(target: jax.Array, item_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Teacher forcing of target items int [B] (-1 = filler row: tokens 0) through the
+  identifier map int32 [num_items, D]: (target tokens [B, D], decoder inputs [B, D], the start
+  token 0 then the first D - 1 target tokens)."""
+  targets = jnp.where(target[:, None] >= 0, item_tokens[jnp.maximum(target, 0)], 0)
+  return targets, jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+
+
+def level_logits(logits: jax.Array, level_sizes: tuple[int, ...]) -> jax.Array:
+  """Logits [..., D, V] of the D identifier positions with every token outside position j's
+  own range (`IdentifierTable.offsets`) set to -1e30, so that a softmax over them is one per
+  level: position j's decoder state against table j alone (ETEGRec)."""
+  sizes = np.asarray(level_sizes)
+  offsets = 1 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  vocab = np.arange(logits.shape[-1])
+  inside = (vocab[None, :] >= offsets[:, None]) & (vocab[None, :] < (offsets + sizes)[:, None])
+  return jnp.where(inside, logits, -1e30)
+
+
+def identifier_nll(logits: jax.Array, targets: jax.Array, reduction: str = "mean",
+                   level_sizes: tuple[int, ...] = ()) -> jax.Array:
+  """Per-sample cross-entropy [B] of target tokens [B, D] under logits [B, D, V], averaged
+  ("mean": the reference code's token-level CE) or summed ("sum") over the D tokens; with
+  `level_sizes`, one softmax per position over its own tokens (`level_logits`)."""
+  if reduction not in LOSS_REDUCTIONS:
+    raise ValueError(f"grm.loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+  if level_sizes:
+    logits = level_logits(logits, level_sizes)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return nll.mean(-1) if reduction == "mean" else nll.sum(-1)
+
+
+def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
+  """sum(values * weight) / sum(weight) over rows (0 for no weight): the batch mean over real
+  samples, filler rows having weight 0."""
+  return jnp.sum(values * weight) / jnp.maximum(weight.sum(), 1.0)
+
+
 def grm_loss(model: T5, batch: dict, key: jax.Array | None, context: dict,
-             reduction: str = "mean") -> tuple[jax.Array, dict]:
-  """Cross-entropy of the target's D tokens, per sample averaged ("mean": the reference
-  code's token-level CE) or summed ("sum") over tokens, then averaged over real samples.
+             reduction: str = "mean", level_sizes: tuple[int, ...] = ()
+             ) -> tuple[jax.Array, dict]:
+  """Cross-entropy of the target's D tokens (`identifier_nll`), averaged over real samples.
 
   batch: `history` int32 [B, slots] (-1 = padding), `target` int32 [B] item indices (-1 =
   filler row), `weight` float [B] (0 = filler row); context: `item_tokens` int32
   [num_items, D], the identifier map. Returns (loss, {}).
   """
-  if reduction not in LOSS_REDUCTIONS:
-    raise ValueError(f"grm.loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
   item_tokens = context["item_tokens"]
-  target = batch["target"]
-  targets = jnp.where(target[:, None] >= 0, item_tokens[jnp.maximum(target, 0)], 0)
-  decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  targets, decoder_inputs = target_tokens(batch["target"], item_tokens)
   logits = model(identifier_inputs(batch["history"], item_tokens), decoder_inputs, key)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  nll = nll.mean(-1) if reduction == "mean" else nll.sum(-1)
-  return jnp.sum(nll * batch["weight"]) / jnp.maximum(batch["weight"].sum(), 1.0), {}
+  nll = identifier_nll(logits, targets, reduction, level_sizes)
+  return weighted_mean(nll, batch["weight"]), {}
 
 
 class GRMTrainer:
@@ -116,15 +153,16 @@ class GRMTrainer:
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh)
     self.trainer = Trainer(T5(model_cfg, rngs=nnx.Rngs(seed)),
-                           functools.partial(grm_loss, reduction=cfg.loss_reduction),
+                           functools.partial(grm_loss, reduction=cfg.loss_reduction,
+                                             level_sizes=tuple(cfg.level_softmax)),
                            make_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
-                                          cfg.grad_clip), mesh)
+                                          cfg.grad_clip, cfg.decay_steps), mesh)
     self.init_params = self.trainer.init_params
-    self._rank = jax.jit(self._rank_batch, static_argnames=("offsets", "level_sizes",
-                                                            "beam_size", "constrained"))
+    self._rank = jax.jit(self._rank_batch, static_argnames=(
+        "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
 
   def _rank_batch(self, params, history, item_tokens, trie: Trie, *, offsets, level_sizes,
-                  beam_size, constrained):
+                  beam_size, constrained, level_softmax):
     model = self.trainer.merge(params)
     inputs = identifier_inputs(history, item_tokens)
     encoded, mask = model.encode(inputs)
@@ -136,7 +174,7 @@ class GRMTrainer:
 
     items, _, scores = beam_search(step_fn, model.init_cache(inputs.shape[0]), inputs.shape[0],
                                    trie, offsets, level_sizes, beam_size,
-                                   constrained=constrained)
+                                   constrained=constrained, level_softmax=level_softmax)
     return distinct_items(items, scores)  # an item with several identifiers counts once
 
   def lower_rank(self, params, history: jax.Array, item_tokens: jax.Array, trie: Trie,
@@ -146,11 +184,13 @@ class GRMTrainer:
     return self._rank.lower(params, history, item_tokens, trie,
                             **self._rank_static(table, beam_size))
 
-  def _rank_static(self, table: IdentifierTable, beam_size: int | None) -> dict:
+  def _rank_static(self, table: IdentifierTable, beam_size: int | None,
+                   constrained: bool | None = None) -> dict:
     """The static arguments of the compiled ranking step for `table`."""
     return dict(offsets=tuple(int(o) for o in table.offsets),
                 level_sizes=tuple(table.level_sizes), beam_size=beam_size or self.cfg.beam_size,
-                constrained=self.cfg.constrained)
+                constrained=self.cfg.constrained if constrained is None else constrained,
+                level_softmax=bool(self.cfg.level_softmax))
 
   def item_tokens(self, table: IdentifierTable, num_items: int) -> jax.Array:
     """The identifier map int32 [num_items, D] on every device."""
@@ -175,10 +215,11 @@ class GRMTrainer:
                             context={"item_tokens": self.item_tokens(table, num_items)})
 
   def rank(self, params, table: IdentifierTable, num_items: int, samples: SampleSet,
-           beam_size: int | None = None) -> np.ndarray:
+           beam_size: int | None = None, constrained: bool | None = None) -> np.ndarray:
     """Top-`beam_size` items int32 [S, beam] for every sample, in score order (-1 = none);
-    each item at most once (its best identifier's rank) when items own several identifiers."""
-    static = self._rank_static(table, beam_size)
+    each item at most once (its best identifier's rank) when items own several identifiers.
+    `constrained` overrides `cfg.constrained` (trie-constrained or free beams)."""
+    static = self._rank_static(table, beam_size, constrained)
     beam_size = static["beam_size"]
     item_tokens = self.item_tokens(table, num_items)
     # One trie shape per catalog size: every table of a run reuses the compiled search.
@@ -193,11 +234,12 @@ class GRMTrainer:
       out[idx[idx >= 0]] = items[idx >= 0]
     return out
 
-  def evaluate(self, params, table: IdentifierTable, num_items: int, samples: SampleSet
-               ) -> dict[str, float]:
-    """Recall/NDCG@{5,10,20} of beam-search rankings against the samples' targets."""
+  def evaluate(self, params, table: IdentifierTable, num_items: int, samples: SampleSet,
+               constrained: bool | None = None) -> dict[str, float]:
+    """Recall/NDCG@{5,10,20} of beam-search rankings against the samples' targets
+    (`constrained` as in `rank`)."""
     t0 = time.time()
-    ranked = self.rank(params, table, num_items, samples)
+    ranked = self.rank(params, table, num_items, samples, constrained=constrained)
     metrics = metrics_from_ranks(target_ranks(ranked, samples.target))
     logging.info("[grm] evaluated %d users in %.1fs (%.0f users/s)", len(samples),
                  time.time() - t0, len(samples) / max(time.time() - t0, 1e-9))

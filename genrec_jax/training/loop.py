@@ -46,7 +46,8 @@ class LoopConfig:
 def fit(*, name: str, params, opt_state, train_step: Callable,
         epoch_batches: Callable[[int], Iterable[tuple[dict, int]]],
         evaluate: Callable[[Any], dict[str, float]], cfg: LoopConfig, checkpoint_dir: str,
-        mesh, interrupt_after_epoch: int | None = None) -> tuple[Any, dict]:
+        mesh, after_epoch: Callable[[int, Any], tuple[Any, dict]] | None = None,
+        interrupt_after_epoch: int | None = None) -> tuple[Any, dict]:
   """Trains and selects the best parameters on validation.
 
   Args:
@@ -59,6 +60,10 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
     cfg: loop settings.
     checkpoint_dir: where this stage's Orbax checkpoints live.
     mesh: device mesh (restored state is re-replicated on it).
+    after_epoch: (epoch, params) -> (params, stats), called after each epoch's updates and
+      before its evaluation and checkpoint: a refresh that a method schedules per epoch (ETEGRec
+      recomputes its identifiers after a tokenizer epoch). The returned parameters are trained
+      on, evaluated and saved; `stats` (JSON scalars) join the epoch's history record.
     interrupt_after_epoch: testing hook simulating a crash after that epoch's checkpoint.
 
   Returns:
@@ -99,6 +104,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
     seconds = time.time() - t0
     state["train_seconds"] += seconds
     record = {"epoch": epoch, **means, "samples_per_s": samples / max(seconds, 1e-9)}
+    if after_epoch is not None:
+      params, refresh_stats = after_epoch(epoch, params)
+      record.update(refresh_stats)
     over_budget = (cfg.max_train_seconds is not None and
                    state["train_seconds"] >= cfg.max_train_seconds)
     if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1 or over_budget:

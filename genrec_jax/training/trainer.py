@@ -126,7 +126,7 @@ class Trainer:
 
   def fit(self, *, name: str, epoch_batches, evaluate, loop_cfg: loop.LoopConfig,
           checkpoint_dir: str, params=None, context: dict | None = None,
-          trainable: Trainable = None):
+          trainable: Trainable = None, after_epoch=None, interrupt_after_epoch=None):
     """Trains from `params` (default: the initial ones) through the epoch loop.
 
     Args:
@@ -139,6 +139,8 @@ class Trainer:
       context: the objective's non-trained device inputs for this fit (replicated).
       trainable: the groups updated (default all), or a function epoch -> groups (alternating
         training: each epoch updates its own groups, the others stay frozen).
+      after_epoch, interrupt_after_epoch: as `loop.fit` (a per-epoch refresh of the
+        parameters; a simulated crash for tests).
 
     Returns:
       (best params, loop state), as `loop.fit`.
@@ -152,4 +154,5 @@ class Trainer:
 
     return loop.fit(name=name, params=params, opt_state=self.init_opt_state(params),
                     train_step=step, epoch_batches=epoch_batches, evaluate=evaluate,
-                    cfg=loop_cfg, checkpoint_dir=checkpoint_dir, mesh=self.mesh)
+                    cfg=loop_cfg, checkpoint_dir=checkpoint_dir, mesh=self.mesh,
+                    after_epoch=after_epoch, interrupt_after_epoch=interrupt_after_epoch)

@@ -1,0 +1,11 @@
+"""ETEGRec on Amazon 2014 Toys.
+
+Settings and presets ("" = the paper's, "cpu" = a 2-core CPU):
+`genrec_jax.config.etegrec_settings`.
+"""
+
+from genrec_jax.config import method_config
+
+
+def get_config(preset: str = ""):
+  return method_config("etegrec", "toys", preset)
