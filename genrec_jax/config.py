@@ -168,9 +168,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.etegrec.eval_every = 2  # Epochs between validations of the joint stage.
   c.etegrec.patience = 15  # Evaluations without improvement before the joint stage stops.
   c.etegrec.recommender_lr = 5e-3  # AdamW, cosine after warm-up.
-  c.etegrec.recommender_warmup_steps = 8000  # Recommender updates of linear warm-up.
+  c.etegrec.recommender_warmup_steps = 2000  # Recommender updates of linear warm-up (the
+  #   official 8,000 scheduler steps, which its launcher advances once per GPU: 4 per update).
   c.etegrec.tokenizer_lr = 1e-4  # AdamW, cosine after warm-up.
-  c.etegrec.tokenizer_warmup_steps = 4000  # Tokenizer updates of linear warm-up.
+  c.etegrec.tokenizer_warmup_steps = 1000  # Tokenizer updates of linear warm-up (official:
+  #   8,000 // cycle scheduler steps, 4 per update).
   c.etegrec.weight_decay = 0.05  # Both optimizers (and the second stage).
   c.etegrec.grad_clip = 1.0  # Global gradient-norm clipping of every update.
   c.etegrec.finetune_epochs = 100  # Second stage (tokenizer frozen): epoch budget (0 = none).
@@ -380,6 +382,9 @@ def etegrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   c.grm.level_softmax = True
   c.grm.constrained = False
   if not cpu:
+    c.grm.batch_grouping = "random"  # the official loader's shuffled batches (their unique
+    #   targets are SIA / PSA / L_SQ rows and PSA's negatives); cpu keeps length groups (3x
+    #   cheaper, experiments/tiger_toys_cpu fix 9)
     c.sasrec.hidden_dim = 256
     c.tokenizer.train_length = 10000
     c.grm.num_encoder_layers = 6

@@ -116,8 +116,11 @@ def test_refresh_keeps_the_digit_of_items_whose_codes_did_not_change():
   assert stats["code_change"] == pytest.approx(really_changed.mean())
   assert stats["identifier_change"] == pytest.approx(
       np.any(identifiers != previous, axis=1).mean())
-  with pytest.raises(ValueError, match="dedup"):
-    refresh_identifiers(np.zeros((n, 2), np.int64), previous, dedup_size=n - 1)
+  assert stats["refresh_skipped"] == 0
+  # More items on one code sequence than dedup digits: the previous identifiers stay.
+  kept, stats = refresh_identifiers(np.zeros((n, 2), np.int64), previous, dedup_size=n - 1)
+  np.testing.assert_array_equal(kept, previous)
+  assert stats["refresh_skipped"] == 1 and stats["code_change"] > 0
 
 
 def test_semantic_quantization_loss_per_row_matches_numpy():

@@ -242,14 +242,26 @@ def refresh_identifiers(codes: np.ndarray, previous: np.ndarray, dedup_size: int
   [N, L + 1]: an item whose codes did not change keeps its dedup digit; the others take the
   smallest free digits of their code group (`assign_dedup`). Returns them with the cycle's
   statistics: code_change (items whose codes changed), identifier_change, collision_rate
-  (before the dedup digit) and max_dedup_digit."""
+  (before the dedup digit), max_dedup_digit and refresh_skipped.
+
+  When more items share one code sequence than the dedup vocabulary holds, the previous
+  identifiers are kept for this cycle (refresh_skipped = 1, with a warning) instead of stopping
+  the run: the vocabulary is fixed when the model is built (the official code crashes here).
+  """
   unchanged = np.all(codes == previous[:, :-1], axis=1)
+  stats = {"code_change": float(1.0 - unchanged.mean()),
+           "collision_rate": collision_rate(codes)}
+  largest = int(np.unique(codes, axis=0, return_counts=True)[1].max())
+  if largest > dedup_size:
+    logging.warning("[etegrec] %d items share one code sequence, more than the dedup "
+                    "vocabulary (%d): identifiers kept from the previous cycle; a larger "
+                    "tokenizer.dedup_size avoids this", largest, dedup_size)
+    return previous, {**stats, "identifier_change": 0.0,
+                      "max_dedup_digit": int(previous[:, -1].max()), "refresh_skipped": 1}
   identifiers = assign_dedup(codes, dedup_size,
                              preferred=np.where(unchanged, previous[:, -1], -1))
-  stats = {"code_change": float(1.0 - unchanged.mean()),
-           "identifier_change": float(np.any(identifiers != previous, axis=1).mean()),
-           "collision_rate": collision_rate(codes),
-           "max_dedup_digit": int(identifiers[:, -1].max())}
+  stats.update(identifier_change=float(np.any(identifiers != previous, axis=1).mean()),
+               max_dedup_digit=int(identifiers[:, -1].max()), refresh_skipped=0)
   return identifiers, stats
 
 
