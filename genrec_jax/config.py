@@ -252,6 +252,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 < config.tokenizer.diversity_groups < config.tokenizer.codebook_size:
       raise ConfigError(f"tokenizer.diversity_groups={config.tokenizer.diversity_groups} must "
                         f"lie in (1, tokenizer.codebook_size={config.tokenizer.codebook_size})")
+  e = config.etegrec
+  if config.method == "etegrec" and e.cycle < 2:
+    raise ConfigError(f"etegrec.cycle={e.cycle} must be >= 2 (one tokenizer epoch, then "
+                      f"cycle - 1 recommender epochs; the paper uses 2 or 4)")
+  if config.method == "etegrec" and min(e.sia_weight, e.psa_weight, e.finetune_epochs) < 0:
+    raise ConfigError(f"etegrec.sia_weight, psa_weight and finetune_epochs must be >= 0 "
+                      f"(0 = the ablation without it / no second stage), got {e.sia_weight}, "
+                      f"{e.psa_weight}, {e.finetune_epochs}")
   unknown = set(config.continual.methods) - set(CONTINUAL_METHODS)
   if config.method == "continual" and unknown:
     raise ConfigError(f"continual.methods has unknown {sorted(unknown)}; choose from "

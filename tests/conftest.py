@@ -76,3 +76,24 @@ def shared_dir():
   if not os.path.isdir(SHARED):
     pytest.skip(f"shared reference material not found at {SHARED}")
   return SHARED
+
+
+def interrupt_then_resume(monkeypatch, run, stage, epoch, call=1):
+  """Runs `run()` with the `call`-th epoch loop of `stage` stopping after `epoch` (a simulated
+  crash after that epoch's checkpoint), then `run()` again in the same workdir; returns the
+  resumed run's result."""
+  from genrec_jax.training import loop
+  real_fit, calls = loop.fit, []
+
+  def crashing_fit(**kwargs):
+    if kwargs["name"] == stage:
+      calls.append(1)
+      if len(calls) == call:
+        kwargs["interrupt_after_epoch"] = epoch
+    return real_fit(**kwargs)
+
+  monkeypatch.setattr(loop, "fit", crashing_fit)
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  monkeypatch.setattr(loop, "fit", real_fit)
+  return run()

@@ -8,7 +8,7 @@ import pytest
 
 from genrec_jax.methods import dact as continual
 from genrec_jax.training import loop
-from tests.conftest import tiny_config
+from tests.conftest import interrupt_then_resume, tiny_config
 
 METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
 
@@ -74,20 +74,10 @@ def test_continual_run_resumes_inside_a_period(tmp_path, monkeypatch):
   config.continual.fractions = (0.6, 0.8)  # three periods keep the test short
   reference = continual.run(config, str(tmp_path / "straight"))
 
-  real_fit, grm_calls = loop.fit, []
-
-  def crashing_fit(**kwargs):
-    if kwargs["name"] == "grm":
-      grm_calls.append(1)
-      if len(grm_calls) == 4:  # period 0, ft_both P1..P2, then inside dact P1
-        kwargs["interrupt_after_epoch"] = 0
-    return real_fit(**kwargs)
-
-  monkeypatch.setattr(loop, "fit", crashing_fit)
-  with pytest.raises(KeyboardInterrupt):
-    continual.run(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(loop, "fit", real_fit)
-  resumed = continual.run(config, str(tmp_path / "resumed"))
+  # the 4th recommender fit (period 0, ft_both P1..P2, then inside dact P1) stops after epoch 0
+  resumed = interrupt_then_resume(
+      monkeypatch, lambda: continual.run(config, str(tmp_path / "resumed")), "grm", epoch=0,
+      call=4)
   for name in config.continual.methods:
     for a, b in zip(resumed["methods"][name]["periods"], reference["methods"][name]["periods"]):
       assert a["test"] == b["test"] and a["code_change"] == b["code_change"]

@@ -22,9 +22,8 @@ from genrec_jax.tokenizers.identifiers import assign_dedup
 from genrec_jax.tokenizers.quantizer import ResidualQuantizer
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig
 from genrec_jax.training.sharding import make_mesh
-from genrec_jax.training import loop
 from genrec_jax.training.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import interrupt_then_resume, tiny_config
 
 
 def _log_softmax(x):
@@ -207,18 +206,9 @@ def test_run_resumes_mid_cycle_to_the_same_numbers_with_unique_identifiers(tmp_p
     rows = [tuple(r.values())[1:] for r in csv.DictReader(f)]
   assert len(rows) == 48 and len(set(rows)) == 48
 
-  real_fit = loop.fit
-
-  def crashing_fit(**kwargs):  # crash after the first cycle's tokenizer epoch
-    if kwargs["name"] == "etegrec":
-      kwargs["interrupt_after_epoch"] = 0
-    return real_fit(**kwargs)
-
-  monkeypatch.setattr(loop, "fit", crashing_fit)
-  with pytest.raises(KeyboardInterrupt):
-    methods.run(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(loop, "fit", real_fit)
-  resumed = methods.run(config, str(tmp_path / "resumed"))
+  # crash after the first cycle's tokenizer epoch, then resume
+  resumed = interrupt_then_resume(
+      monkeypatch, lambda: methods.run(config, str(tmp_path / "resumed")), "etegrec", epoch=0)
   strip = lambda hs: [{k: v for k, v in h.items() if k != "samples_per_s"} for h in hs]
   assert strip(resumed["joint"]["history"]) == strip(history)
   assert resumed["metrics"]["test_unconstrained"] == reference["metrics"]["test_unconstrained"]

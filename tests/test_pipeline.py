@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from genrec_jax import methods
-from genrec_jax.training import loop
-from tests.conftest import tiny_config
+from tests.conftest import interrupt_then_resume, tiny_config
 
 METRICS = {"recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"}
 
@@ -56,18 +55,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
   config = tiny_config(str(tmp_path))
   reference = methods.run(config, str(tmp_path / "straight"))
 
-  real_fit = loop.fit
-
-  def crashing_fit(**kwargs):
-    if kwargs["name"] == "grm":
-      kwargs["interrupt_after_epoch"] = 1
-    return real_fit(**kwargs)
-
-  monkeypatch.setattr(loop, "fit", crashing_fit)
-  with pytest.raises(KeyboardInterrupt):
-    methods.run(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(loop, "fit", real_fit)
-  resumed = methods.run(config, str(tmp_path / "resumed"))
+  resumed = interrupt_then_resume(
+      monkeypatch, lambda: methods.run(config, str(tmp_path / "resumed")), "grm", epoch=1)
   assert resumed["metrics"]["test"] == reference["metrics"]["test"]
   assert [h["loss"] for h in resumed["grm_history"]] == [
       h["loss"] for h in reference["grm_history"]]

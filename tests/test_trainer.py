@@ -9,6 +9,7 @@ from flax import nnx
 
 from genrec_jax.data.batching import item_batches
 from genrec_jax.training.loop import LoopConfig, fit_steps
+from genrec_jax.training.optim import make_optimizer
 from genrec_jax.training.sharding import make_mesh, shard_batch
 from genrec_jax.training.trainer import Trainer
 
@@ -190,3 +191,15 @@ def test_fit_refreshes_after_each_epoch_before_evaluation_and_records_the_stats(
   assert [h["refreshed_after"] for h in state["history"]] == [0, 1]
   assert evaluated == [0.0, 0.0]  # evaluation sees the refreshed parameters
   np.testing.assert_array_equal(_flat(trainer, params)["wb"], 0.0)  # and so do the results
+
+
+def test_optimizer_warms_up_linearly_then_follows_a_cosine_to_zero():
+  opt = make_optimizer(1.0, weight_decay=0.0, warmup_steps=2, grad_clip=0.0, decay_steps=4)
+  params = jnp.zeros(3)
+  state = opt.init(params)
+  rates = []
+  for _ in range(7):  # a constant gradient: each Adam update is -lr(t) (up to eps)
+    updates, state = opt.update(jnp.ones(3), state, params)
+    rates.append(-float(updates[0]))
+  expected = [0.0, 0.5] + [0.5 * (1 + np.cos(np.pi * t / 4)) for t in range(4)] + [0.0]
+  np.testing.assert_allclose(rates, expected, atol=1e-5)

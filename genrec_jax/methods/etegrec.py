@@ -278,25 +278,6 @@ def epochs_training(group: str, epochs: int, cycle: int, alternate: bool) -> int
   return sum(group in phase_groups(e, cycle, alternate) for e in range(epochs))
 
 
-def check_settings(e: ml_collections.ConfigDict) -> None:
-  """One-line errors for ETEGRec settings that make no sense."""
-  if e.cycle < 2:
-    raise ValueError(f"etegrec.cycle must be >= 2 (one tokenizer epoch, then cycle - 1 "
-                     f"recommender epochs; the paper uses 2 or 4), got {e.cycle}")
-  if e.sia_weight < 0 or e.psa_weight < 0:
-    raise ValueError(f"etegrec.sia_weight and etegrec.psa_weight must be >= 0 (0 = the "
-                     f"ablation without it), got {e.sia_weight}, {e.psa_weight}")
-  if e.sia_logit_sign not in LOGIT_SIGNS:
-    raise ValueError(f"etegrec.sia_logit_sign must be one of {LOGIT_SIGNS}, got "
-                     f"{e.sia_logit_sign!r}")
-  if e.sia_level_reduction not in LEVEL_REDUCTIONS:
-    raise ValueError(f"etegrec.sia_level_reduction must be one of {LEVEL_REDUCTIONS}, got "
-                     f"{e.sia_level_reduction!r}")
-  if e.epochs < 1 or e.finetune_epochs < 0:
-    raise ValueError(f"etegrec.epochs must be >= 1 and etegrec.finetune_epochs >= 0, got "
-                     f"{e.epochs}, {e.finetune_epochs}")
-
-
 class JointStage:
   """The joint stage of one run: the model built from the pretrained tokenizer and its
   identifiers, the trainer of its three groups, and what the epoch loop calls (the phase of
@@ -424,7 +405,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Data, SASRec, the pretrained tokenizer, the joint stage, the second stage (or w/o ETE's
   fresh recommender), tested with constrained and unconstrained beam search."""
   e = config.etegrec
-  check_settings(e)
   mesh = stages.start_run(config, workdir)
   timer = stages.Timer()
   inter, split, results = stages.static_data(config, workdir)
