@@ -34,6 +34,12 @@ def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
   if method == "letter":  # LETTER code: mean losses, lowest-collision checkpoint
     assert (paper.tokenizer.loss_reduction, paper.tokenizer.selection) == ("mean",
                                                                             "min_collision")
+  if method == "etegrec":  # the paper's weights and forms; its model sizes and protocol
+    e, g = paper.etegrec, paper.grm
+    assert (e.sia_weight, e.psa_weight, e.sia_logit_sign, e.sia_level_reduction) == (
+        3e-4, 1e-4, "distance", "sum")
+    assert (paper.sasrec.hidden_dim, paper.tokenizer.latent_dim, g.num_encoder_layers,
+            g.d_ff, g.level_softmax, g.constrained) == (256, 128, 6, 512, True, False)
   if method == "continual":  # DACT paper: 20k steps; DACT code: mean losses
     assert (paper.tokenizer.train_unit, paper.tokenizer.loss_reduction) == ("steps", "mean")
   assert (paper.grm.warmup_steps, paper.grm.grad_clip, paper.grm.loss_reduction) == (0, 0.0,
@@ -79,6 +85,13 @@ def test_config_mistakes_name_the_field(tmp_path, shared_dir):
   config = _load(CONFIGS[0].parent / "letter_toys.py", "cpu")
   config.tokenizer.diversity_groups = 256
   with pytest.raises(ConfigError, match=r"diversity_groups=256 must lie in"):
+    check_config(config)
+  config = _load(CONFIGS[0].parent / "etegrec_toys.py", "cpu")
+  config.etegrec.cycle = 1
+  with pytest.raises(ConfigError, match=r"etegrec.cycle=1 must be >= 2"):
+    check_config(config)
+  config.etegrec.update(cycle=2, psa_weight=-1.0)
+  with pytest.raises(ConfigError, match=r"etegrec.sia_weight, psa_weight and finetune_epochs"):
     check_config(config)
 
 
