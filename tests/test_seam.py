@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from genrec_jax.data.batching import sample_batches
@@ -22,11 +21,11 @@ from genrec_jax.decoding.trie import build_trie
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup
 from genrec_jax.tokenizers.quantizer import ResidualQuantizer
-from genrec_jax.training import loop
 from genrec_jax.training.grm import chosen_identifiers
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sharding import make_mesh, shard_batch
 from genrec_jax.training.trainer import Trainer
+from tests.conftest import interrupt_then_resume
 
 NUM_ITEMS, LEVELS, K, DIM = 12, 2, 4, 6
 
@@ -140,12 +139,9 @@ def test_toy_method_trains_alternating_groups_resumes_and_ranks(tmp_path, monkey
                                                       _leaves(start, "tokenizer")))
 
   straight = _fit(trainer, epoch_batches, context, str(tmp_path / "straight"), 4)
-  real_fit = loop.fit
-  monkeypatch.setattr(loop, "fit", lambda **kw: real_fit(**kw, interrupt_after_epoch=1))
-  with pytest.raises(KeyboardInterrupt):
-    _fit(trainer, epoch_batches, context, str(tmp_path / "resumed"), 4)
-  monkeypatch.setattr(loop, "fit", real_fit)
-  resumed = _fit(trainer, epoch_batches, context, str(tmp_path / "resumed"), 4)
+  resumed = interrupt_then_resume(
+      monkeypatch, lambda: _fit(trainer, epoch_batches, context, str(tmp_path / "resumed"), 4),
+      "toy", epoch=1)
   for group in trainer.groups:
     for a, b in zip(_leaves(resumed, group), _leaves(straight, group)):
       np.testing.assert_array_equal(a, b)
