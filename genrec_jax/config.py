@@ -20,6 +20,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "tiger"  # "tiger" | "letter" | "sasrec" | "continual" (DACT + baselines) |
   #   "etegrec".
   c.seed = 0  # Seeds every random choice (init, batch order, dropout): same seed, same numbers.
+  c.cpu_devices = 1  # XLA devices the host CPU is split into, one thread each, the batch split
+  #   over them (`training.sharding.use_cpu_devices`, applied by `genrec_jax.main`): 1 = one
+  #   device on every core; the cpu presets use 2, one per core of the machine they are sized
+  #   for. No effect on GPU/TPU computations.
   c.compilation_cache_dir = os.path.expanduser("~/.cache/genrec_jax/xla")  # JAX persistent
   #   compilation cache: a rerun or resume skips recompiling every shape ("" = off).
 
@@ -201,13 +205,17 @@ CHOICES = {
     "etegrec.sia_logit_sign": ("distance", "code"),
     "etegrec.sia_level_reduction": ("sum", "mean"),
 }
-POSITIVE = ("data.max_history", "sasrec.hidden_dim", "sasrec.epochs", "sasrec.batch_size",
+POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs", "sasrec.batch_size",
             "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
             "tokenizer.codebook_size", "tokenizer.dedup_size", "tokenizer.train_length",
             "tokenizer.batch_size", "grm.d_model", "grm.epochs", "grm.eval_every",
             "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "continual.dact.steps",
             "continual.dact.batch_size", "continual.min_test_history", "etegrec.cycle",
             "etegrec.epochs", "etegrec.eval_every")
+
+
+SHARDED_BATCHES = ("sasrec.batch_size", "tokenizer.batch_size", "grm.batch_size",
+                   "grm.eval_batch_size", "continual.dact.batch_size")
 
 
 def _field(config: ml_collections.ConfigDict, name: str):
@@ -226,6 +234,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in POSITIVE:
     if not _field(config, name) >= 1:
       raise ConfigError(f"{name}={_field(config, name)!r} must be a positive number")
+  for name in SHARDED_BATCHES:
+    if _field(config, name) % config.cpu_devices:
+      raise ConfigError(f"{name}={_field(config, name)} is not divisible by cpu_devices="
+                        f"{config.cpu_devices}, the devices its batches are split over; choose "
+                        f"a multiple of it (or --config.cpu_devices=1)")
   if not os.path.isfile(config.data.path):
     raise ConfigError(f"data.path={config.data.path!r}: file not found; point it at your "
                       f"interactions file")
@@ -285,6 +298,7 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   if preset != "cpu":
     raise ValueError(f"unknown preset {preset!r}; use '' (paper settings) or 'cpu'")
   c = config
+  c.cpu_devices = 2
   c.sasrec.epochs = 4
   c.tokenizer.train_length = 1000
   c.tokenizer.train_unit = "steps"

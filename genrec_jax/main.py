@@ -14,6 +14,7 @@ from genrec_jax.config import ConfigError
 from genrec_jax.data import DataError
 from genrec_jax.logs import setup_logging
 from genrec_jax import methods
+from genrec_jax.training.sharding import use_cpu_devices
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally `path:preset`.",
@@ -26,6 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup_logging()
+  use_cpu_devices(FLAGS.config.cpu_devices)
   if FLAGS.config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", FLAGS.config.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

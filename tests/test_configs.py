@@ -78,6 +78,10 @@ def test_config_mistakes_name_the_field(tmp_path, shared_dir):
   config.grm.epochs = 0
   with pytest.raises(ConfigError, match=r"grm.epochs=0 must be a positive number"):
     check_config(config)
+  config = base_config()
+  config.cpu_devices = 3
+  with pytest.raises(ConfigError, match=r"sasrec.batch_size=128 is not divisible by cpu_devices"):
+    check_config(config)
   config = base_config()  # method tiger
   config.tokenizer.diversity_weight = 1e-4
   with pytest.raises(ConfigError, match=r"diversity_weight=0.0001 is LETTER's loss"):

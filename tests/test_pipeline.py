@@ -82,8 +82,11 @@ _MULTI_DEVICE = r"""
 import json, sys
 import jax
 from genrec_jax import methods
+from genrec_jax.training.sharding import use_cpu_devices
 from tests.conftest import tiny_config
 config = tiny_config(sys.argv[1])
+config.cpu_devices = int(sys.argv[2])
+use_cpu_devices(config.cpu_devices)
 config.grm.epochs = 2
 config.tokenizer.train_length = 20
 config.tokenizer.train_unit = "steps"
@@ -94,17 +97,20 @@ print(json.dumps({"devices": jax.device_count(),
 
 
 def _run_with_devices(tmp_path, n):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-             JAX_PLATFORMS="cpu")
+  """The tiny pipeline in a fresh process whose CPU is split into n devices (`cpu_devices`)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   os.makedirs(tmp_path / f"d{n}")
-  out = subprocess.run([sys.executable, "-c", _MULTI_DEVICE, str(tmp_path / f"d{n}")],
+  out = subprocess.run([sys.executable, "-c", _MULTI_DEVICE, str(tmp_path / f"d{n}"), str(n)],
                        env=env, cwd=root, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_same_training_on_one_and_eight_devices(tmp_path):
+  """`cpu_devices` splits the host into devices; the batch is split over them (the tokenizer's
+  too) with the same numbers up to summation order."""
   one = _run_with_devices(tmp_path, 1)
   eight = _run_with_devices(tmp_path, 8)
   assert one["devices"] == 1 and eight["devices"] == 8

@@ -26,6 +26,8 @@ from absl import logging
 from flax import nnx
 from safetensors.numpy import load_file
 
+from genrec_jax.training.sharding import make_mesh, replicate, shard_batch
+
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # Bump when item_texts() changes, so cached embeddings of the old recipe are not reused.
 TEXT_RECIPE = "title. categories v1"
@@ -172,7 +174,7 @@ def _default_encoder():
     pooled = (tokens * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
-  return model, tokenizer, functools.partial(embed, state)
+  return model, tokenizer, functools.partial(embed, replicate(state, make_mesh()))
 
 
 def encode_texts(texts: list[str], batch_size: int = 256, max_length: int = 256) -> np.ndarray:
@@ -180,7 +182,8 @@ def encode_texts(texts: list[str], batch_size: int = 256, max_length: int = 256)
 
   Texts are truncated to `max_length` tokens (incl. [CLS]/[SEP]), sorted by length so each batch
   pads little, padded to the batch's longest length rounded up to a multiple of 16 (bounded
-  number of jit shapes), and returned in the input order.
+  number of jit shapes), and returned in the input order. Batches are split over the devices
+  (`training.sharding.make_mesh`).
   """
   model, tokenizer, embed = _default_encoder()
   if max_length > model.position_embeddings.num_embeddings:
@@ -190,16 +193,19 @@ def encode_texts(texts: list[str], batch_size: int = 256, max_length: int = 256)
   ids = [e.ids for e in tokenizer.encode_batch(list(texts))]
   order = np.argsort([len(x) for x in ids], kind="stable")
   out = np.zeros((len(ids), model.word_embeddings.features), np.float32)
+  mesh = make_mesh()
   start = time.perf_counter()
   for b in range(0, len(order), batch_size):
     rows = order[b:b + batch_size]
     t = -(-max(len(ids[i]) for i in rows) // _PAD_MULTIPLE) * _PAD_MULTIPLE
-    input_ids = np.zeros((len(rows), t), np.int32)
-    mask = np.zeros((len(rows), t), np.int32)
+    padded_rows = -(-len(rows) // mesh.size) * mesh.size  # split evenly over the devices
+    input_ids = np.zeros((padded_rows, t), np.int32)
+    mask = np.zeros((padded_rows, t), np.int32)
     for r, i in enumerate(rows):
       input_ids[r, :len(ids[i])] = ids[i]
       mask[r, :len(ids[i])] = 1
-    out[rows] = np.asarray(embed(input_ids, mask))
+    batch = shard_batch({"input_ids": input_ids, "attention_mask": mask}, mesh)
+    out[rows] = np.asarray(embed(**batch))[:len(rows)]
     done = b + len(rows)
     logging.log_every_n_seconds(
         logging.INFO, "MiniLM: %d/%d texts, %.1f items/s", 30, done, len(order),

@@ -62,7 +62,7 @@ from genrec_jax.data.batching import item_batches
 from genrec_jax.tokenizers.quantizer import squared_distances, squared_error
 from genrec_jax.tokenizers.rqvae import RQVAE, info_nce
 from genrec_jax.training import loop
-from genrec_jax.training.sharding import make_mesh, replicate
+from genrec_jax.training.sharding import make_mesh, replicate, shard_item_batch
 from genrec_jax.training.trainer import Trainer
 
 MODES = ("naive", "dact", "reformer")
@@ -405,8 +405,7 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
       name=f"dact:{mode}", params=trainer.init_params,
       opt_state=trainer.init_opt_state(trainer.init_params),
       train_step=lambda p, o, batch, _: trainer.train_step(p, o, batch, None, data),
-      batches=(replicate({"idx": jnp.asarray(idx)}, mesh)
-               for idx in item_batches(n, cfg.batch_size, seed)),
+      batches=(shard_item_batch(idx, mesh) for idx in item_batches(n, cfg.batch_size, seed)),
       steps=cfg.steps, log_every=cfg.log_every)
   merged = trainer.merge(params)
   return merged[0], merged[1] if mode == "dact" else cdim, stats

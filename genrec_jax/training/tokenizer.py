@@ -30,7 +30,7 @@ from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, co
 from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, RQVAEOutput, rqvae_losses
 from genrec_jax.training import loop
-from genrec_jax.training.sharding import make_mesh, replicate
+from genrec_jax.training.sharding import make_mesh, replicate, shard_item_batch
 from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
 UNITS = ("steps", "epochs")
@@ -172,8 +172,7 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   params, stats = loop.fit_steps(
       name="tokenizer", params=trainer.init_params,
       opt_state=trainer.init_opt_state(trainer.init_params), train_step=train_step,
-      batches=(replicate({"idx": jnp.asarray(idx)}, mesh)
-               for idx in item_batches(n, cfg.batch_size, seed)),
+      batches=(shard_item_batch(idx, mesh) for idx in item_batches(n, cfg.batch_size, seed)),
       steps=steps, log_every=cfg.log_every, before_step=before_step,
       evaluate=collision if select else None, eval_every=cfg.eval_every * per_unit,
       select_metric="collision_rate")
