@@ -61,8 +61,13 @@ def start_run(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir, may_change)
   mesh = make_mesh()
-  logging.info("devices: %d x %s, mesh %s", jax.device_count(), jax.devices()[0].platform,
-               dict(mesh.shape))
+  platform = jax.devices()[0].platform
+  logging.info("devices: %d x %s, mesh %s", jax.device_count(), platform, dict(mesh.shape))
+  if platform == "cpu" and jax.local_device_count() != config.cpu_devices:
+    logging.warning("config.cpu_devices=%d but JAX runs %d CPU devices: call "
+                    "genrec_jax.training.sharding.use_cpu_devices(%d) before JAX starts "
+                    "(genrec_jax.main does)", config.cpu_devices, jax.local_device_count(),
+                    config.cpu_devices)
   return mesh
 
 
