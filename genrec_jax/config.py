@@ -205,8 +205,8 @@ CHOICES = {
     "etegrec.sia_logit_sign": ("distance", "code"),
     "etegrec.sia_level_reduction": ("sum", "mean"),
 }
-POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs", "sasrec.batch_size",
-            "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
+POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs",
+            "sasrec.batch_size", "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
             "tokenizer.codebook_size", "tokenizer.dedup_size", "tokenizer.train_length",
             "tokenizer.batch_size", "grm.d_model", "grm.epochs", "grm.eval_every",
             "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "continual.dact.steps",
