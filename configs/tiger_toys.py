@@ -1,6 +1,6 @@
 """TIGER on Amazon 2014 Toys.
 
-Settings and presets ("" = the paper's, "cpu" = a 2-core CPU):
+Settings and presets ("" = the paper's, "cpu" = a 2-core CPU, "smoke" = a few steps per stage):
 `genrec_jax.config.tiger_settings`.
 """
 

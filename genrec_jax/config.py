@@ -111,6 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
   #   bucket is one more compiled shape (cached on disk, see compilation_cache_dir).
   c.grm.batch_grouping = "length"  # Training batches "length" (one history-length bucket each)
   #   | "random" (uniformly random, as the reference code, each padded to its longest bucket).
+  c.grm.matmul_dtype = "float32"  # "bfloat16": bf16 matmul inputs, float32 accumulation and
+  #   parameters (mixed precision for GPU/TPU matrix units; slower on CPU).
+  c.grm.steps_per_dispatch = 1  # Updates per compiled call: K > 1 runs K batches of one
+  #   length bucket in one `lax.scan` (accelerators, where a Python dispatch per step costs
+  #   more than the step); 1 = one call per batch in the epoch's shuffled order.
   c.grm.epochs = 200  # Epoch budget.
   c.grm.eval_every = 1  # Epochs between validation evaluations (beam search).
   c.grm.patience = 15  # Evaluations without improvement before early stopping.
@@ -202,6 +207,7 @@ CHOICES = {
     "tokenizer.cf_similarity": ("cosine", "dot"),
     "grm.loss_reduction": ("mean", "sum"),
     "grm.batch_grouping": ("length", "random"),
+    "grm.matmul_dtype": ("float32", "bfloat16"),
     "etegrec.sia_logit_sign": ("distance", "code"),
     "etegrec.sia_level_reduction": ("sum", "mean"),
 }
@@ -209,7 +215,8 @@ POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epoc
             "sasrec.batch_size", "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
             "tokenizer.codebook_size", "tokenizer.dedup_size", "tokenizer.train_length",
             "tokenizer.batch_size", "grm.d_model", "grm.epochs", "grm.eval_every",
-            "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "continual.dact.steps",
+            "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "grm.steps_per_dispatch",
+            "continual.dact.steps",
             "continual.dact.batch_size", "continual.min_test_history", "etegrec.cycle",
             "etegrec.epochs", "etegrec.eval_every")
 
@@ -286,17 +293,21 @@ def dataset_paths(config: ml_collections.ConfigDict, name: str) -> None:
   config.data.items_csv = os.path.join(SHARED_DATA, name, "items.csv")
 
 
+PRESETS = ("", "cpu", "smoke")
+
+
 def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
-  """Applies a named preset: "" keeps the paper settings; "cpu" fits a 2-core CPU.
+  """Applies a named preset: "" keeps the paper settings; "cpu" fits a 2-core CPU; "smoke" is
+  the cpu preset cut to a few steps per stage (`smoke_settings`, applied after the method's).
 
   The cpu preset shrinks the recommender (2+2 layers, d_model 64) and bounds every stage in
   steps or epochs (never wall-clock time, so that a busy machine gives the same numbers), so
   that one run finishes within about 15 minutes on 2 cores.
   """
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; use '' (paper settings), 'cpu' or 'smoke'")
   if preset == "":
     return config
-  if preset != "cpu":
-    raise ValueError(f"unknown preset {preset!r}; use '' (paper settings) or 'cpu'")
   c = config
   c.cpu_devices = 2
   c.sasrec.epochs = 4
@@ -325,6 +336,19 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   c.continual.dact.log_every = 100
   return c
 
+
+
+def smoke_settings(c: ml_collections.ConfigDict) -> None:
+  """The "smoke" preset: every stage of the method runs once, a few steps or one epoch each,
+  on the cpu preset's models. It checks an installation end to end (the accelerator suite
+  runs it first, `tools/accelerator/`); its numbers mean nothing."""
+  c.sasrec.update(epochs=1, eval_every=1)
+  c.tokenizer.update(train_length=20, train_unit="steps", eval_every=10, kmeans_iterations=5)
+  c.grm.update(epochs=1, eval_every=1, valid_users=256)
+  c.continual.update(cf_finetune_epochs=1, finetune_epochs=1, finetune_eval_every=1,
+                     retrain_epochs=1)
+  c.continual.dact.update(steps=10, log_every=5)
+  c.etegrec.update(epochs=2, align_warmup_epochs=1, finetune_epochs=1, eval_every=1)
 
 
 def tiger_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
@@ -438,13 +462,16 @@ METHOD_SETTINGS = {"tiger": tiger_settings, "letter": letter_settings,
 
 def method_config(method: str, dataset: str, preset: str = "") -> ml_collections.ConfigDict:
   """The config of `method` on a shared Amazon 2014 dataset ("toys", "beauty") with a preset
-  ("" = the paper's settings, "cpu" = a 2-core CPU): `base_config`, the dataset's paths,
-  `apply_preset`, then the method's own settings (`METHOD_SETTINGS`, documented there)."""
+  ("" = the paper's settings, "cpu" = a 2-core CPU, "smoke" = a few steps per stage):
+  `base_config`, the dataset's paths, `apply_preset`, then the method's own settings
+  (`METHOD_SETTINGS`, documented there)."""
   if method not in METHOD_SETTINGS:
     raise ValueError(f"unknown method {method!r}; one of {sorted(METHOD_SETTINGS)}")
   c = base_config()
   c.method = method
   dataset_paths(c, dataset)
   apply_preset(c, preset)
-  METHOD_SETTINGS[method](c, cpu=preset == "cpu")
+  METHOD_SETTINGS[method](c, cpu=preset in ("cpu", "smoke"))
+  if preset == "smoke":
+    smoke_settings(c)
   return c

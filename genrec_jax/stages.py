@@ -184,7 +184,8 @@ def grm_model_config(config, vocab_size: int) -> T5Config:
   g = config.grm
   return T5Config(vocab_size=vocab_size, d_model=g.d_model, d_ff=g.d_ff,
                   num_heads=g.num_heads, d_kv=g.d_kv, num_encoder_layers=g.num_encoder_layers,
-                  num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate)
+                  num_decoder_layers=g.num_decoder_layers, dropout_rate=g.dropout_rate,
+                  matmul_dtype=g.matmul_dtype)
 
 
 def grm_train_config(config) -> GRMTrainConfig:
@@ -195,7 +196,7 @@ def grm_train_config(config) -> GRMTrainConfig:
       learning_rate=g.learning_rate, weight_decay=g.weight_decay, warmup_steps=g.warmup_steps,
       grad_clip=g.grad_clip, loss_reduction=g.loss_reduction,
       batch_grouping=g.batch_grouping, batch_size=g.batch_size,
-      eval_batch_size=g.eval_batch_size,
+      steps_per_dispatch=g.steps_per_dispatch, eval_batch_size=g.eval_batch_size,
       beam_size=g.beam_size, constrained=g.constrained,
       level_softmax=level_sizes if g.level_softmax else (),
       length_buckets=tuple(g.length_buckets),

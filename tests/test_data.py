@@ -326,3 +326,42 @@ def test_batches_cover_every_sample_once_and_fit_their_bucket(grouping):
     assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(batches, again))
     with pytest.raises(ValueError, match="grouping"):
         bucketed_batches(lengths, 64, buckets, seed=3, grouping="sorted")
+
+
+@pytest.mark.parametrize("grouping", ["length", "random"])
+def test_dispatches_stack_one_width_and_keep_the_shuffled_order(grouping):
+    """sample_dispatches against the epoch's batches: every batch once, in one dispatch of its
+    own width, runs in their shuffled order, filler steps masked; 1 step = sample_batches."""
+    from genrec_jax.data.batching import bucketed_batches, sample_batches, sample_dispatches
+    from genrec_jax.data.splits import SampleSet
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 21, 700)
+    history = np.where(np.arange(20)[None] >= 20 - lengths[:, None],
+                       rng.integers(0, 50, (700, 20)), -1).astype(np.int32)
+    samples = SampleSet(history=history, target=rng.integers(0, 50, 700).astype(np.int32),
+                        user=np.arange(700, dtype=np.int32))
+    buckets = (4, 8, 20)
+    batches = bucketed_batches(samples.lengths, 32, buckets, seed=5, epoch=2, grouping=grouping)
+    position = {tuple(idx): i for i, (_, idx) in enumerate(batches)}
+    single = {tuple(idx): b for b, idx in sample_batches(samples, 32, buckets, seed=5, epoch=2,
+                                                         grouping=grouping)}
+    dispatches = list(sample_dispatches(samples, 32, buckets, 3, seed=5, epoch=2,
+                                        grouping=grouping))
+    firsts, seen = [], []
+    for batch, idx in dispatches:
+        mask = batch["step_mask"]
+        assert idx.shape == (3, 32) and mask.tolist() == sorted(mask.tolist(), reverse=True)
+        assert (idx[~mask] == -1).all() and (batch["weight"][~mask] == 0).all()
+        order = [position[tuple(row)] for row in idx[mask]]
+        assert order == sorted(order)  # a dispatch keeps its bucket's shuffled order
+        assert {batches[i][0] for i in order} == {batch["history"].shape[2]}  # one width
+        firsts.append(order[0])
+        seen += order
+        for step in np.flatnonzero(mask):  # the rows gathered as sample_batches gathers them
+            for k in ("history", "target", "weight"):
+                np.testing.assert_array_equal(batch[k][step], single[tuple(idx[step])][k])
+    assert sorted(seen) == list(range(len(batches)))  # every batch once
+    assert firsts == sorted(firsts)  # runs in the order of their first batch
+    one = [idx[0] for _, idx in sample_dispatches(samples, 32, buckets, 1, seed=5, epoch=2,
+                                                  grouping=grouping)]
+    assert all(np.array_equal(a, b) for a, (_, b) in zip(one, batches))

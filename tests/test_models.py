@@ -83,6 +83,33 @@ def test_linear_gradients_equal_numpy_matmul_gradients():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_matmuls_round_inputs_and_keep_float32_parameters_and_outputs():
+  # The reference: NumPy float64 matmuls of the inputs rounded to bf16 (what the matrix units
+  # see); float32 accumulation leaves only float32 summation error.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 5, 16)).astype(np.float32)
+  w = rng.normal(size=(16, 8)).astype(np.float32)
+  rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+  y = linear(x, w, "bfloat16")
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), rounded(x) @ rounded(w), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(y) - x.astype(np.float64) @ w).max() > 1e-3  # bf16 really used
+  cfg = dict(vocab_size=50, d_model=16, d_ff=32, num_heads=2, d_kv=8, num_encoder_layers=1,
+             num_decoder_layers=1, dropout_rate=0.0)
+  full = T5(T5Config(**cfg), rngs=nnx.Rngs(0))
+  mixed = T5(T5Config(**cfg, matmul_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(rng.integers(1, 50, (3, 6)))
+  decoder = jnp.asarray([[0, 5, 7], [0, 1, 2], [0, 9, 9]])
+  a, b = np.asarray(full(tokens, decoder)), np.asarray(mixed(tokens, decoder))
+  assert b.dtype == np.float32 and np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(tokens, decoder))[..., 3])
+  grads = nnx.grad(loss)(mixed)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(nnx.state(grads)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(mixed, nnx.Param)))
+
+
 def test_relative_position_buckets_match_t5_reference_values():
   # Values of HF T5's _relative_position_bucket(bidirectional=True, 32 buckets, 128 max).
   rel = jnp.asarray([-200, -20, -3, -1, 0, 1, 3, 20, 200])

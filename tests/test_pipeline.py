@@ -117,11 +117,8 @@ def test_same_training_on_one_and_eight_devices(tmp_path):
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-4)
 
 
-def test_train_step_compiles_once_per_length_bucket(tmp_path):
-  """Every batch has one of len(buckets) shapes, so the jitted step traces at most that many
-  times over several epochs (a retrace would recompile on every accelerator)."""
-  import chex
-  import jax
+def _tiny_grm(buckets, steps_per_dispatch=1, epochs=3):
+  """A 1+1-layer T5 trainer (no dropout), a 30-item table and 200 random samples."""
   from genrec_jax.data.splits import SampleSet
   from genrec_jax.recommenders.t5 import T5Config
   from genrec_jax.tokenizers.identifiers import assign_dedup, one_to_one_table
@@ -129,7 +126,7 @@ def test_train_step_compiles_once_per_length_bucket(tmp_path):
   from genrec_jax.training.loop import LoopConfig
   from genrec_jax.training.sharding import make_mesh
   rng = np.random.default_rng(0)
-  num_items, buckets = 30, (2, 4)
+  num_items = 30
   table = one_to_one_table(assign_dedup(rng.integers(0, 4, (num_items, 2)), 8), 4, 8)
   lengths = rng.integers(1, 5, 200)
   history = np.where(np.arange(4)[None, :] >= 4 - lengths[:, None],
@@ -137,12 +134,48 @@ def test_train_step_compiles_once_per_length_bucket(tmp_path):
   samples = SampleSet(history=history, target=rng.integers(0, num_items, 200).astype(np.int32),
                       user=np.arange(200, dtype=np.int32))
   trainer = GRMTrainer(T5Config(vocab_size=table.vocab_size, d_model=16, d_ff=32, num_heads=2,
-                                d_kv=8, num_encoder_layers=1, num_decoder_layers=1),
+                                d_kv=8, num_encoder_layers=1, num_decoder_layers=1,
+                                dropout_rate=0.0),
                        GRMTrainConfig(batch_size=32, eval_batch_size=32, beam_size=5,
                                       length_buckets=buckets,
-                                      loop=LoopConfig(epochs=3, eval_every=3)), make_mesh())
+                                      steps_per_dispatch=steps_per_dispatch,
+                                      loop=LoopConfig(epochs=epochs, eval_every=epochs)),
+                       make_mesh())
+  return trainer, table, num_items, samples
+
+
+@pytest.mark.parametrize("steps_per_dispatch", [1, 3])
+def test_train_step_compiles_once_per_length_bucket(tmp_path, steps_per_dispatch):
+  """Every batch (or dispatch of stacked batches) has one of len(buckets) shapes, so the
+  jitted step traces at most that many times over several epochs (a retrace would recompile
+  on every accelerator)."""
+  import chex
+  import jax
+  buckets = (2, 4)
+  trainer, table, num_items, samples = _tiny_grm(buckets, steps_per_dispatch)
   core = trainer.trainer
-  core._step = jax.jit(chex.assert_max_traces(core._train_step, n=len(buckets)),
-                       donate_argnums=(0, 1), static_argnames=("trainable",))
+  name = "_train_step" if steps_per_dispatch == 1 else "_train_steps"
+  counted = jax.jit(chex.assert_max_traces(getattr(core, name), n=len(buckets)),
+                    donate_argnums=(0, 1), static_argnames=("trainable",))
+  setattr(core, "_step" if steps_per_dispatch == 1 else "_steps", counted)
   _, state = trainer.train(table, num_items, samples, samples, str(tmp_path / "ckpt"))
   assert state["epoch"] == 2
+
+
+def test_several_steps_per_dispatch_train_as_single_steps(tmp_path):
+  """With one length bucket the dispatches of 3 stacked batches hold the epoch's batches in
+  their shuffled order (the last dispatch padded with filler steps): the same updates as one
+  batch per call, so the same losses, validation metrics and parameters."""
+  import jax
+  runs = []
+  for k in (1, 3):
+    trainer, table, num_items, samples = _tiny_grm((4,), k, epochs=2)
+    params, state = trainer.train(table, num_items, samples, samples, str(tmp_path / f"k{k}"))
+    runs.append((jax.tree.leaves(params), state["history"]))
+  (params1, hist1), (params3, hist3) = runs
+  assert -(-len(samples) // 32) % 3 != 0  # the last dispatch carries filler steps
+  for a, b in zip(hist1, hist3):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  assert hist1[-1]["valid"] == pytest.approx(hist3[-1]["valid"], abs=1e-6)
+  for a, b in zip(params1, params3):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -87,6 +87,34 @@ def test_each_group_steps_with_its_own_optimizer_and_frozen_groups_stay_put():
     trainer.train_step(params, opt_state, sharded, jax.random.key(2), context, trainable=("c",))
 
 
+def test_steps_in_one_dispatch_follow_sgd_and_filler_steps_change_nothing():
+  mesh = make_mesh()
+  lr = {"a": 0.1, "b": 0.01}
+  trainer = Trainer(TwoParts(), squared_error, {g: optax.sgd(lr[g]) for g in lr}, mesh)
+  batches, context = [_batch(seed=s) for s in range(3)], {"scale": jnp.float32(2.0)}
+  filler = {"x": np.zeros((8, 3), np.float32), "y": np.zeros(8, np.float32)}
+  stacked = {k: np.stack([b[k] for b in batches + [filler]]) for k in ("x", "y")}
+  stacked["step_mask"] = np.array([True, True, True, False])
+  params = jax.tree.map(jnp.copy, trainer.init_params)
+  expected, losses = _flat(trainer, params), []
+  for batch in batches:  # the reference: three SGD steps one after the other, by hand
+    out = ((batch["x"] @ expected["wa"] + expected["ba"]) @ expected["wb"] + expected["bb"])
+    losses.append(np.mean((out[:, 0] * 2.0 - batch["y"]) ** 2))
+    expected = _numpy_sgd_step(expected, batch, lr, 2.0, ("a", "b"))
+  params, _, metrics = trainer.train_steps(params, trainer.init_opt_state(params), stacked,
+                                           jax.random.key(0), context)
+  for name, value in _flat(trainer, params).items():
+    np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6)
+  assert int(metrics["steps"]) == 3  # the filler step is neither applied nor averaged
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+
+
+def test_epoch_means_weight_a_dispatch_by_its_updates():
+  from genrec_jax.training.loop import epoch_means
+  metrics = [{"loss": 1.0}, {"loss": np.float32(4.0), "steps": 3}]
+  assert epoch_means(metrics) == {"loss": (1.0 + 3 * 4.0) / 4}
+
+
 def test_every_variable_must_belong_to_a_group():
   with pytest.raises(ValueError, match="outside the parameter groups"):
     Trainer(TwoParts(), squared_error, {"a": optax.sgd(0.1)}, make_mesh())

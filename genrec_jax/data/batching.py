@@ -85,18 +85,54 @@ def sample_batches(samples, batch_size: int, boundaries: tuple[int, ...], *,
   Models turn item indices into their inputs inside the compiled step (identifier tokens,
   embedding rows), so a batch does not depend on the identifier table.
   """
-  width = samples.history.shape[1]
   for slots, idx in bucketed_batches(samples.lengths, batch_size, boundaries, seed=seed,
                                      epoch=epoch, grouping=grouping):
-    rows, filler = np.maximum(idx, 0), idx < 0
-    history = samples.history[rows][:, width - slots:].astype(np.int32)
-    target = samples.target[rows].astype(np.int32)
-    if target.ndim == 2:
-      target = target[:, width - slots:]
-    history[filler] = -1
-    target[filler] = -1
-    yield {"history": history, "target": target,
-           "weight": (~filler).astype(np.float32)}, idx
+    yield gather_samples(samples, idx, slots), idx
+
+
+def sample_dispatches(samples, batch_size: int, boundaries: tuple[int, ...], steps: int, *,
+                      seed: int, epoch: int = 0, grouping: str = "length"
+                      ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """An epoch's training batches stacked `steps` at a time, for several updates per dispatch
+  (`Trainer.train_steps`).
+
+  The epoch's batches (`bucketed_batches`, shuffled) are grouped by width: each bucket's
+  batches, in their shuffled order, are cut into runs of `steps`, the last run completed with
+  filler steps (every row -1, `step_mask` False), and the runs are taken in the order of their
+  first batch. Yields (batch, indices int64 [steps, B]): the `sample_batches` fields stacked on
+  a leading axis [steps, B, ...] and `step_mask` bool [steps].
+  """
+  if steps < 1:
+    raise ValueError(f"steps per dispatch must be >= 1, got {steps}")
+  runs: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
+  for position, (slots, idx) in enumerate(bucketed_batches(
+      samples.lengths, batch_size, boundaries, seed=seed, epoch=epoch, grouping=grouping)):
+    bucket = runs.setdefault(slots, [])
+    if not bucket or len(bucket[-1][1]) == steps:
+      bucket.append((position, []))
+    bucket[-1][1].append(idx)
+  ordered = sorted((first, slots, members) for slots, bucket in runs.items()
+                   for first, members in bucket)
+  for _, slots, members in ordered:
+    mask = np.arange(steps) < len(members)
+    idx = np.full((steps, batch_size), -1, np.int64)
+    idx[:len(members)] = members
+    yield {**gather_samples(samples, idx, slots), "step_mask": mask}, idx
+
+
+def gather_samples(samples, idx: np.ndarray, slots: int) -> dict[str, np.ndarray]:
+  """The `sample_batches` fields of samples idx int [..., B] (-1 = filler row), histories cut
+  to their last `slots` items: history [..., B, slots], target [..., B] (or [..., B, slots]),
+  weight [..., B]."""
+  width = samples.history.shape[1]
+  rows, filler = np.maximum(idx, 0), idx < 0
+  history = samples.history[rows][..., width - slots:].astype(np.int32)
+  target = samples.target[rows].astype(np.int32)
+  if target.ndim == idx.ndim + 1:
+    target = target[..., width - slots:]
+  history[filler] = -1
+  target[filler] = -1
+  return {"history": history, "target": target, "weight": (~filler).astype(np.float32)}
 
 
 def item_batches(num_items: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:

@@ -32,6 +32,11 @@ class T5Config:
   dropout_rate: float = 0.1
   relative_buckets: int = 32
   relative_max_distance: int = 128
+  matmul_dtype: str = "float32"  # "bfloat16": matmul inputs cast to bf16, products summed
+  #   and returned in float32; parameters, norms and softmaxes stay float32 (`contract`)
+
+
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 
 def _mix32(h: jax.Array) -> jax.Array:
@@ -133,12 +138,25 @@ def _cpu_linear_bwd(residuals, grad):
 _cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
 
 
-def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [..., d_in] @ kernel [d_in, d_out]; on CPU with a backward pass shaped for XLA:CPU.
+def contract(spec: str, a: jax.Array, b: jax.Array, dtype: str = "float32") -> jax.Array:
+  """`jnp.einsum(spec, a, b)`; with dtype "bfloat16" the inputs are cast to bf16 and the
+  products accumulated and returned in float32 (mixed precision: bf16 matrix units, float32
+  master weights and activations between matmuls)."""
+  if dtype == "bfloat16":
+    return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum(spec, a, b)
+
+
+def linear(x: jax.Array, kernel: jax.Array, dtype: str = "float32") -> jax.Array:
+  """x [..., d_in] @ kernel [d_in, d_out] (matmul inputs in `dtype`, see `contract`); in
+  float32 on CPU with a backward pass shaped for XLA:CPU.
 
   Mathematically the plain matmul (tests/test_models.py compares the gradients); GPU/TPU
   compilers place transposes well on their own and get the plain matmul.
   """
+  if dtype != "float32":
+    return contract("...i,io->...o", x, kernel, dtype)
   if jax.default_backend() == "cpu":
     return _cpu_linear(x, kernel)
   return x @ kernel
@@ -147,11 +165,13 @@ def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
 class Dense(nnx.Module):
   """Bias-free linear layer (T5 has no biases) with normal(std) initialisation."""
 
-  def __init__(self, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):
+  def __init__(self, d_in: int, d_out: int, std: float, rngs: nnx.Rngs,
+               dtype: str = "float32"):
     self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_in, d_out)))
+    self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return linear(x, self.kernel[...])
+    return linear(x, self.kernel[...], self.dtype)
 
 
 class Attention(nnx.Module):
@@ -164,11 +184,11 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
     inner = cfg.num_heads * cfg.d_kv
-    self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
-    self.q = Dense(cfg.d_model, inner, (cfg.d_model * cfg.d_kv) ** -0.5, rngs)
-    self.k = Dense(cfg.d_model, inner, cfg.d_model ** -0.5, rngs)
-    self.v = Dense(cfg.d_model, inner, cfg.d_model ** -0.5, rngs)
-    self.o = Dense(inner, cfg.d_model, inner ** -0.5, rngs)
+    self.num_heads, self.d_kv, self.dtype = cfg.num_heads, cfg.d_kv, cfg.matmul_dtype
+    self.q = Dense(cfg.d_model, inner, (cfg.d_model * cfg.d_kv) ** -0.5, rngs, self.dtype)
+    self.k = Dense(cfg.d_model, inner, cfg.d_model ** -0.5, rngs, self.dtype)
+    self.v = Dense(cfg.d_model, inner, cfg.d_model ** -0.5, rngs, self.dtype)
+    self.o = Dense(inner, cfg.d_model, inner ** -0.5, rngs, self.dtype)
 
   def _heads(self, x: jax.Array) -> jax.Array:
     """[B, T, H * d_kv] -> [B, T, H, d_kv]."""
@@ -176,7 +196,8 @@ class Attention(nnx.Module):
 
   def project_kv(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
     """memory [B, Tk, d_model] -> keys, values [B, Tk, H, d_kv] (one matmul for both)."""
-    kv = linear(memory, jnp.concatenate([self.k.kernel[...], self.v.kernel[...]], axis=1))
+    kv = linear(memory, jnp.concatenate([self.k.kernel[...], self.v.kernel[...]], axis=1),
+                self.dtype)
     k, v = jnp.split(kv, 2, axis=-1)
     return self._heads(k), self._heads(v)
 
@@ -184,7 +205,7 @@ class Attention(nnx.Module):
     """Self-attention inputs x [B, T, d_model] -> (queries [B, T, H * d_kv], (keys, values)
     [B, T, H, d_kv]) from one matmul: one wide dot runs faster than three narrow ones."""
     kernels = [self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]]
-    q, k, v = jnp.split(linear(x, jnp.concatenate(kernels, axis=1)), 3, axis=-1)
+    q, k, v = jnp.split(linear(x, jnp.concatenate(kernels, axis=1), self.dtype), 3, axis=-1)
     return q, (self._heads(k), self._heads(v))
 
   def __call__(self, x, kv, mask, bias, dropout_rate, key):
@@ -198,12 +219,12 @@ class Attention(nnx.Module):
     b = k.shape[0]
     groups = rows // b
     q = q.reshape(b, groups * tq, self.num_heads, self.d_kv)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    logits = contract("bqhd,bkhd->bhqk", q, k, self.dtype)
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, -1e9)
     weights = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, key)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(rows, tq, -1)
+    out = contract("bhqk,bkhd->bqhd", weights, v, self.dtype).reshape(rows, tq, -1)
     return self.o(out)
 
 
@@ -211,8 +232,8 @@ class FeedForward(nnx.Module):
   """ReLU MLP d_model -> d_ff -> d_model."""
 
   def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
-    self.wi = Dense(cfg.d_model, cfg.d_ff, cfg.d_model ** -0.5, rngs)
-    self.wo = Dense(cfg.d_ff, cfg.d_model, cfg.d_ff ** -0.5, rngs)
+    self.wi = Dense(cfg.d_model, cfg.d_ff, cfg.d_model ** -0.5, rngs, cfg.matmul_dtype)
+    self.wo = Dense(cfg.d_ff, cfg.d_model, cfg.d_ff ** -0.5, rngs, cfg.matmul_dtype)
 
   def __call__(self, x, dropout_rate, key):
     return self.wo(dropout(jax.nn.relu(self.wi(x)), dropout_rate, key))
@@ -299,6 +320,9 @@ class T5(nnx.Module):
   """Encoder-decoder over identifier tokens (pad/start token 0)."""
 
   def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
+    if cfg.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"T5 matmul_dtype must be one of {MATMUL_DTYPES}, got "
+                       f"{cfg.matmul_dtype!r}")
     self.cfg = cfg
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
                            embedding_init=nnx.initializers.normal(1.0))
@@ -378,7 +402,8 @@ class T5(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Decoder states [..., d_model] -> vocabulary logits (tied embedding, T5 rescale)."""
-    return (h * self.cfg.d_model ** -0.5) @ self.embed.embedding[...].T
+    return contract("...d,vd->...v", h * self.cfg.d_model ** -0.5, self.embed.embedding[...],
+                    self.cfg.matmul_dtype)
 
   def __call__(self, tokens, decoder_tokens, key=None, *, embeddings=None, mask=None):
     """Teacher-forced logits [B, S, vocab]; the encoder reads tokens or embeddings (`encode`)."""

@@ -6,7 +6,8 @@ predicts the target's L + 1 tokens after the start token 0 (cross-entropy, METHO
 Ranking is jit-compiled trie-constrained beam search (`genrec_jax.decoding`).
 
 Training runs through the shared `Trainer` (one jitted, donated step; parameters replicated and
-batches sharded over the mesh's `data` axis). Batches carry item indices; the identifier map is
+batches sharded over the mesh's `data` axis), one batch per call or, with
+`steps_per_dispatch` K > 1, K batches of one length bucket per call (`Trainer.train_steps`). Batches carry item indices; the identifier map is
 an input of the compiled steps (`identifier_inputs`), looked up on the device.
 """
 
@@ -23,7 +24,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from genrec_jax.data.batching import sample_batches
+from genrec_jax.data.batching import sample_batches, sample_dispatches
 from genrec_jax.data.splits import SampleSet
 from genrec_jax.decoding.beam_search import beam_search, distinct_items
 from genrec_jax.decoding.trie import Trie, build_trie, trie_capacity
@@ -32,7 +33,8 @@ from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable
 from genrec_jax.training import loop
 from genrec_jax.training.optim import make_optimizer
-from genrec_jax.training.sharding import check_batch_size, replicate, shard_batch
+from genrec_jax.training.sharding import (check_batch_size, replicate, shard_batch,
+                                          shard_stacked_batch)
 from genrec_jax.training.trainer import Trainer
 
 
@@ -48,6 +50,7 @@ class GRMTrainConfig:
   loss_reduction: str = "mean"
   batch_grouping: str = "length"
   batch_size: int = 256
+  steps_per_dispatch: int = 1  # updates per compiled call (`data.batching.sample_dispatches`)
   eval_batch_size: int = 256
   beam_size: int = 20
   constrained: bool = True
@@ -204,9 +207,16 @@ class GRMTrainer:
     loop_cfg = loop_cfg or self.cfg.loop
 
     def epoch_batches(epoch):
-      for batch, idx in sample_batches(train, self.cfg.batch_size, self.cfg.length_buckets,
+      cfg = self.cfg
+      if cfg.steps_per_dispatch > 1:
+        for batch, idx in sample_dispatches(train, cfg.batch_size, cfg.length_buckets,
+                                            cfg.steps_per_dispatch, seed=loop_cfg.seed,
+                                            epoch=epoch, grouping=cfg.batch_grouping):
+          yield shard_stacked_batch(batch, self.mesh), int((idx >= 0).sum())
+        return
+      for batch, idx in sample_batches(train, cfg.batch_size, cfg.length_buckets,
                                        seed=loop_cfg.seed, epoch=epoch,
-                                       grouping=self.cfg.batch_grouping):
+                                       grouping=cfg.batch_grouping):
         yield shard_batch(batch, self.mesh), int((idx >= 0).sum())
 
     return self.trainer.fit(name="grm", epoch_batches=epoch_batches,

@@ -6,8 +6,8 @@ of steps): progress, refresh hooks, optional selection by a validation score. Ne
 model code; both stop on non-finite metrics.
 
 The epoch loop calls `train_step(params, opt_state, batch, key, epoch)` (a jitted pure
-function returning the new state and a dict of scalar metrics with `loss` and `grad_norm`;
-`training.trainer.Trainer` builds it), stops with an error when an epoch's loss or gradient
+function returning the new state and a dict of scalar metrics with `loss` and `grad_norm`,
+and `steps` when the call made several updates; `training.trainer.Trainer` builds it), stops with an error when an epoch's loss or gradient
 norm is not finite, evaluates with `evaluate(params) -> metrics` every `eval_every` epochs,
 keeps the best parameters by `select_metric` (model selection on validation: the returned parameters are the
 best ones, not the last), stops after `patience` evaluations without improvement, and saves a
@@ -94,8 +94,7 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
       samples += real
     if not step_metrics:
       raise ValueError(f"[{name}] epoch {epoch + 1} has no training batches")
-    means = {k: float(np.mean(v)) for k, v in jax.device_get(
-        jax.tree.map(lambda *xs: list(xs), *step_metrics)).items()}
+    means = epoch_means(step_metrics)
     if not all(np.isfinite(v) for v in means.values()):
       raise FloatingPointError(
           f"[{name}] epoch {epoch + 1}: non-finite training metrics {means}; lower the "
@@ -213,6 +212,17 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
     stats.update(evaluations=evaluations, selected_step=best[1])
     logging.info("[%s] kept step %d (lowest %s %.4f)", name, best[1], select_metric, best[0])
   return params, stats
+
+
+def epoch_means(step_metrics: list[dict]) -> dict[str, float]:
+  """Each metric's mean over an epoch's train steps. A dispatch of several updates
+  (`Trainer.train_steps`) reports its real updates' means with their number `steps`, and
+  counts that many times."""
+  values = jax.device_get(step_metrics)
+  weights = np.asarray([m.get("steps", 1) for m in values], np.float64)
+  return {k: float(np.sum(weights * np.asarray([m[k] for m in values], np.float64))
+                   / max(weights.sum(), 1.0))
+          for k in values[0] if k != "steps"}
 
 
 def _fmt(metrics: dict | None) -> str:

@@ -50,8 +50,8 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharded(mesh: jax.sharding.Mesh, batch_axis: int = 0) -> NamedSharding:
+  return NamedSharding(mesh, P(*[None] * batch_axis, DATA_AXIS))
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
@@ -65,17 +65,29 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
                      f"the mesh; choose a multiple of {mesh.size}")
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Global arrays from this process's rows of a batch (leading axis split over `data`)."""
-  sharding = batch_sharded(mesh)
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                batch_axis: int = 0) -> dict[str, jax.Array]:
+  """Global arrays from this process's rows of a batch, the rows (axis `batch_axis`: 0, or 1
+  for batches stacked per update) split over `data`."""
+  sharding = batch_sharded(mesh, batch_axis)
   local = jax.process_count() > 1
   out = {}
   for name, value in batch.items():
     if local:
-      rows = value.shape[0] // jax.process_count()
-      value = value[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+      rows = value.shape[batch_axis] // jax.process_count()
+      value = np.take(value, np.arange(jax.process_index() * rows,
+                                       (jax.process_index() + 1) * rows), axis=batch_axis)
     out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+def shard_stacked_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
+                        ) -> dict[str, jax.Array]:
+  """A dispatch of stacked batches (`data.batching.sample_dispatches`): the fields
+  [steps, B, ...] split over `data` along B, `step_mask` [steps] replicated."""
+  batch = dict(batch)
+  mask = replicate(jnp.asarray(batch.pop("step_mask")), mesh)
+  return {**shard_batch(batch, mesh, batch_axis=1), "step_mask": mask}
 
 
 def shard_item_batch(idx: np.ndarray, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -75,6 +75,9 @@ class Trainer:
     self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
                          static_argnames=("trainable",),
                          out_shardings=replicated(mesh))
+    self._steps = jax.jit(self._train_steps, donate_argnums=(0, 1),
+                          static_argnames=("trainable",),
+                          out_shardings=replicated(mesh))
 
   def merge(self, params: Mapping) -> nnx.Module:
     """The model with the parameters of every group in `params`."""
@@ -102,6 +105,40 @@ class Trainer:
     """
     return self._step(params, opt_state, batch, key, context or {},
                       trainable=self.check_trainable(trainable))
+
+  def train_steps(self, params, opt_state, batches: dict, key: jax.Array,
+                  context: dict | None = None, trainable: tuple[str, ...] | None = None):
+    """K updates in one dispatch (`lax.scan` over stacked batches) -> (params, opt_state,
+    metrics).
+
+    batches: the leaves of K batches of one shape stacked on a leading axis [K, B, ...], plus
+    `step_mask` bool [K]: False marks a filler step, which leaves the parameters and optimizer
+    state unchanged (so every dispatch has K steps and one compiled shape). Step j draws its
+    dropout key as `fold_in(key, j)`. metrics: the real steps' mean of each train-step metric
+    and `steps`, their number (the epoch loop weights dispatches by it). Donation as
+    `train_step`.
+    """
+    return self._steps(params, opt_state, batches, key, context or {},
+                       trainable=self.check_trainable(trainable))
+
+  def _train_steps(self, params, opt_state, batches, key, context, *, trainable):
+    batches = dict(batches)
+    mask = batches.pop("step_mask")
+
+    def body(state, xs):
+      j, real, batch = xs
+      new_params, new_opt, metrics = self._train_step(
+          *state, batch, jax.random.fold_in(key, j), context, trainable=trainable)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(real, a, b), new, old)
+      return (keep(new_params, state[0]), keep(new_opt, state[1])), metrics
+
+    steps = jnp.arange(mask.shape[0])
+    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state),
+                                                (steps, mask, batches))
+    count = mask.sum()
+    means = {k: jnp.sum(jnp.where(mask, v, 0.0)) / jnp.maximum(count, 1)
+             for k, v in metrics.items()}
+    return params, opt_state, {**means, "steps": count}
 
   def lower_step(self, params, opt_state, batch: dict, key: jax.Array,
                  context: dict | None = None, trainable: tuple[str, ...] | None = None):
@@ -131,7 +168,8 @@ class Trainer:
 
     Args:
       name: stage name for logs.
-      epoch_batches: epoch -> iterable of (sharded batch, number of real samples).
+      epoch_batches: epoch -> iterable of (sharded batch, number of real samples); a batch
+        with `step_mask` is a stack of batches, run in one dispatch (`train_steps`).
       evaluate: params -> validation metrics (model selection, `loop_cfg.select_metric`).
       loop_cfg: epochs, evaluation period, patience, seed.
       checkpoint_dir: this stage's checkpoints (an interrupted fit resumes there).
@@ -150,7 +188,8 @@ class Trainer:
     schedule = trainable if callable(trainable) else (lambda _: trainable)
 
     def step(p, o, batch, key, epoch):
-      return self.train_step(p, o, batch, key, context, schedule(epoch))
+      update = self.train_steps if "step_mask" in batch else self.train_step
+      return update(p, o, batch, key, context, schedule(epoch))
 
     return loop.fit(name=name, params=params, opt_state=self.init_opt_state(params),
                     train_step=step, epoch_batches=epoch_batches, evaluate=evaluate,

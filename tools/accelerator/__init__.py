@@ -1,0 +1,1 @@
+"""The accelerator suite: a bundle built here (prepare.py), the runs made there (run.py)."""
