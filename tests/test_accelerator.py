@@ -12,8 +12,10 @@ from tests.conftest import write_synthetic
 from tools.accelerator.prepare import BUNDLE_LIMIT_BYTES, add_dataset, check_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The smoke preset's models on the 48-item synthetic catalog: codebooks it can fill.
-SMALL_CODEBOOKS = ("--set=tokenizer.codebook_size=8", "--set=tokenizer.dedup_size=16")
+# The smoke preset on the 48-item synthetic catalog: codebooks it can fill, and one history
+# bucket (histories of up to 7 items) so that the test compiles one train and one search step.
+SYNTHETIC = ("--set=tokenizer.codebook_size=8", "--set=tokenizer.dedup_size=16",
+             "--set=grm.length_buckets=(8,)")
 
 
 def _bundle(tmp_path) -> str:
@@ -32,13 +34,13 @@ def _suite(bundle, out, *flags):
 def test_smoke_suite_runs_end_to_end_and_reports(tmp_path):
   out = tmp_path / "out"
   proc = _suite(_bundle(tmp_path), out, "--suite=smoke", "--budget_minutes=10",
-                *SMALL_CODEBOOKS)
+                *SYNTHETIC)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = json.loads((out / "summary.json").read_text())
   assert summary["environment"]["backend"] == "cpu"
   [run] = summary["runs"]
   assert run["status"] == "ok" and run["seconds"] > 0
-  test = run["results"]["test"]
+  test = run["results"]["metrics"]["test"]
   assert 0.0 <= test["ndcg@10"] <= test["recall@10"] <= 1.0
   assert "embeddings.source=file" in run["command"]
   assert (out / "tiger_smoke.log").stat().st_size > 0

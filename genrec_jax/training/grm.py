@@ -236,12 +236,13 @@ class GRMTrainer:
     capacity = trie_capacity(table.level_sizes, max(num_items, len(table.codes)))
     trie = replicate(jax.tree.map(jnp.asarray, build_trie(table, capacity)), self.mesh)
     out = np.full((len(samples), beam_size), -1, np.int32)
+    ranked = []  # fetched after the loop: the batches' searches queue up without host waits
     for batch, idx in sample_batches(samples, self.cfg.eval_batch_size,
                                      self.cfg.length_buckets):
       history = shard_batch({"history": batch["history"]}, self.mesh)["history"]
-      items, _ = self._rank(params, history, item_tokens, trie, **static)
-      items = np.asarray(jax.device_get(items))
-      out[idx[idx >= 0]] = items[idx >= 0]
+      ranked.append((idx, self._rank(params, history, item_tokens, trie, **static)[0]))
+    for idx, items in ranked:
+      out[idx[idx >= 0]] = np.asarray(jax.device_get(items))[idx >= 0]
     return out
 
   def evaluate(self, params, table: IdentifierTable, num_items: int, samples: SampleSet,

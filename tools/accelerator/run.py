@@ -55,23 +55,29 @@ class Run:
   overrides: tuple[str, ...] = ()
 
 
+# Speed settings of the GPU runs (not the papers' protocol: one length bucket's batches per
+# compiled call in their shuffled order, validation users in large batches).
+GPU_SPEED = ("grm.steps_per_dispatch=32", "grm.eval_batch_size=2048")
+
 SUITES = {
     # Paper settings. The estimates and which presets fit 15 minutes of device time:
-    # experiments/benchmarks/README.md (accelerator). TIGER's recommender carries a time cap
-    # until its epochs run as device-resident scans (issue 14).
+    # experiments/benchmarks/README.md (session 9). TIGER's recommender carries a time cap
+    # until the tokenizer's steps also run as device-resident scans (issue 14).
     "paper": (
-        Run("smoke", "configs/tiger_toys.py:smoke", "toys", 1.5),
-        Run("tiger_toys", "configs/tiger_toys.py", "toys", 6.0, ("grm.max_train_minutes=4",)),
+        Run("smoke", "configs/tiger_toys.py:smoke", "toys", 1.5, GPU_SPEED),
+        Run("tiger_toys", "configs/tiger_toys.py", "toys", 6.0,
+            GPU_SPEED + ("grm.max_train_minutes=4",)),
         Run("tiger_beauty", "configs/tiger_beauty.py", "beauty", 6.0,
-            ("grm.max_train_minutes=4",)),
+            GPU_SPEED + ("grm.max_train_minutes=4",)),
     ),
     "dact": (
-        Run("smoke", "configs/dact_toys.py:smoke", "toys", 2.0),
-        Run("dact_toys", "configs/dact_toys.py", "toys", 12.0),
+        Run("smoke", "configs/dact_toys.py:smoke", "toys", 2.0, GPU_SPEED),
+        Run("dact_toys", "configs/dact_toys.py", "toys", 12.0, GPU_SPEED),
     ),
     # The plumbing alone, a few steps per stage (also what the test runs, on synthetic data).
     "smoke": (
-        Run("tiger_smoke", "configs/tiger_toys.py:smoke", "toys", 1.5),
+        Run("tiger_smoke", "configs/tiger_toys.py:smoke", "toys", 1.5,
+            ("grm.steps_per_dispatch=4",)),
     ),
 }
 
@@ -152,8 +158,14 @@ def run_suite(runs: tuple[Run, ...], bundle: str, out: str, budget_minutes: floa
     raise SystemExit(f"error: no bundle at {bundle}: build it with "
                      f"`python tools/accelerator/prepare.py` and carry it to this machine")
   os.makedirs(out, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix="genrec_accel_") as scratch:
+    return _run_in(scratch, runs, bundle, out, budget_minutes, extra)
+
+
+def _run_in(scratch: str, runs: tuple[Run, ...], bundle: str, out: str, budget_minutes: float,
+            extra: tuple[str, ...]) -> dict:
+  """`run_suite` with its wheels, workdirs and compilation cache under `scratch`."""
   start = time.time()
-  scratch = tempfile.mkdtemp(prefix="genrec_accel_")
   site = os.path.join(scratch, "site")
   summary = {"bundle": bundle, "budget_minutes": budget_minutes,
              "wheels": install_wheels(bundle, site), "runs": []}
