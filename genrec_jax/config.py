@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   #   rate among evaluations every eval_every units: the LETTER code).
   c.tokenizer.eval_every = 2000  # Units between collision-rate evaluations ("min_collision").
   c.tokenizer.batch_size = 1024  # Items per batch.
+  c.tokenizer.steps_per_dispatch = 1  # Updates per compiled call (K > 1: one `lax.scan` over
+  #   K item batches, the same updates; for accelerators, where a call costs more than a step).
   c.tokenizer.learning_rate = 1e-3  # AdamW learning rate.
   c.tokenizer.weight_decay = 1e-4  # AdamW weight decay.
   c.tokenizer.kmeans_iterations = 50  # Lloyd iterations of the per-level k-means init.
@@ -214,11 +216,10 @@ CHOICES = {
 POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs",
             "sasrec.batch_size", "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
             "tokenizer.codebook_size", "tokenizer.dedup_size", "tokenizer.train_length",
-            "tokenizer.batch_size", "grm.d_model", "grm.epochs", "grm.eval_every",
-            "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "grm.steps_per_dispatch",
-            "continual.dact.steps",
-            "continual.dact.batch_size", "continual.min_test_history", "etegrec.cycle",
-            "etegrec.epochs", "etegrec.eval_every")
+            "tokenizer.batch_size", "tokenizer.steps_per_dispatch", "grm.d_model", "grm.epochs",
+            "grm.eval_every", "grm.batch_size", "grm.eval_batch_size", "grm.beam_size",
+            "grm.steps_per_dispatch", "continual.dact.steps", "continual.dact.batch_size",
+            "continual.min_test_history", "etegrec.cycle", "etegrec.epochs", "etegrec.eval_every")
 
 
 SHARDED_BATCHES = ("sasrec.batch_size", "tokenizer.batch_size", "grm.batch_size",

@@ -222,7 +222,7 @@ def tokenizer_train_config(config) -> TokenizerTrainConfig:
       learning_rate=tok.learning_rate, weight_decay=tok.weight_decay,
       kmeans_iterations=tok.kmeans_iterations,
       kmeans_refresh_steps=tuple(tok.kmeans_refresh_steps), selection=tok.selection,
-      eval_every=tok.eval_every)
+      eval_every=tok.eval_every, steps_per_dispatch=tok.steps_per_dispatch)
 
 
 def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.ndarray:

@@ -280,6 +280,29 @@ def test_kmeans_refresh_refits_the_codebooks_to_the_moved_encoder():
     train_tokenizer(cfg, dataclasses.replace(train_cfg, kmeans_refresh_steps=(30,)), x)
 
 
+def test_tokenizer_steps_in_one_dispatch_make_the_same_updates_refreshes_and_selection():
+  """Several updates per call (a scan) against one per call: dispatches are cut at the k-means
+  refresh, the evaluations and the progress lines, so the same model and selection result."""
+  import dataclasses
+  from genrec_jax.training.tokenizer import TokenizerTrainConfig, encode_items, train_tokenizer
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(256, 12)).astype(np.float32)
+  cfg = RQVAEConfig(input_dim=12, hidden_dims=(16,), latent_dim=4, num_levels=2,
+                    codebook_size=8)
+  one = TokenizerTrainConfig(length=5, unit="epochs", batch_size=64, learning_rate=1e-2,
+                             kmeans_iterations=5, kmeans_refresh_steps=(7,),
+                             selection="min_collision", eval_every=2, log_every=3)
+  runs = [train_tokenizer(cfg, dataclasses.replace(one, steps_per_dispatch=k), x, seed=0)
+          for k in (1, 6)]
+  (model1, stats1), (model6, stats6) = runs
+  for a, b in zip(jax.tree.leaves(nnx.state(model1)), jax.tree.leaves(nnx.state(model6))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+  np.testing.assert_array_equal(encode_items(model1, x), encode_items(model6, x))
+  assert stats1["selected_step"] == stats6["selected_step"]
+  assert [e["step"] for e in stats1["collision_evaluations"]] == [8, 16, 20]
+  assert stats1["collision_evaluations"] == stats6["collision_evaluations"]
+
+
 def test_diversity_loss_shapes_only_the_codebook_and_matches_numpy():
   """LETTER's diversity loss: the query is the raw assigned codeword; with groups of two
   codewords the positive is the other member, so the loss is a plain cross-entropy."""

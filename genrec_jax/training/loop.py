@@ -19,6 +19,7 @@ and dropout keys depend only on (seed, epoch, step), reaches the same result.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -141,7 +142,8 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
 def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: Iterator[dict],
               steps: int, log_every: int, before_step: Callable[[int, Any], Any] | None = None,
               evaluate: Callable[[Any], dict[str, float]] | None = None, eval_every: int = 0,
-              select_metric: str = "") -> tuple[Any, dict]:
+              select_metric: str = "", steps_per_dispatch: int = 1,
+              refresh_at: Callable[[int], bool] | None = None) -> tuple[Any, dict]:
   """Runs `steps` updates and returns the last parameters, or the best evaluated ones.
 
   Args:
@@ -149,39 +151,59 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
     params, opt_state: initial (replicated) state; donated by `train_step`.
     train_step: (params, opt_state, batch, step) -> (params, opt_state, metrics), metrics a
       dict of scalars holding at least `loss` and `grad_norm` (`Trainer.train_step`; the
-      caller derives the step's random key from `step`).
-    batches: yields one (sharded) batch per step.
+      caller derives the step's random key from `step`). With `steps_per_dispatch` > 1 it
+      receives a list of up to that many consecutive batches, the first being step `step`,
+      and makes all their updates in one call (`Trainer.train_steps`).
+    batches: yields one batch per step.
     steps: number of updates.
     log_every: steps between progress lines; the metrics are checked for non-finite values
       there and after the last step (a check every step would wait for every step).
-    before_step: (step, params) -> params, called before each update (refreshes that a
-      method schedules: a k-means refit of the codebooks, a regularizer's inputs).
+    before_step: (step, params) -> params, called before each update, or with several steps
+      per dispatch before each dispatch (refreshes that a method schedules: a k-means refit of
+      the codebooks, a regularizer's inputs).
     evaluate: params -> metrics, every `eval_every` steps and after the last; with it the
       returned parameters are those with the lowest `select_metric`.
     eval_every: steps between evaluations (used only with `evaluate`).
     select_metric: the metric of `evaluate` to minimise.
+    steps_per_dispatch: most updates per `train_step` call. Dispatches end where a progress
+      line or an evaluation falls and start at every step where `refresh_at` is true, so the
+      updates, refreshes and evaluations are those of one step per call.
+    refresh_at: step -> whether `before_step` acts before that step (needed with several
+      steps per dispatch and a `before_step`).
 
   Returns:
-    (params, stats): stats holds "final_losses" (the last step's metrics without the loss
+    (params, stats): stats holds "final_losses" (the last call's metrics without the loss
     and gradient norm: the objective's parts), "steps", "seconds", "steps_per_second" (after
-    the first, compiling, step), and with `evaluate` "evaluations" ([{"step", **metrics}]) and
+    the first, compiling, call), and with `evaluate` "evaluations" ([{"step", **metrics}]) and
     "selected_step".
   """
-  if steps < 1 or log_every < 1:
-    raise ValueError(f"[{name}] steps and log_every must be >= 1, got {steps}, {log_every}")
+  if steps < 1 or log_every < 1 or steps_per_dispatch < 1:
+    raise ValueError(f"[{name}] steps, log_every and steps_per_dispatch must be >= 1, got "
+                     f"{steps}, {log_every}, {steps_per_dispatch}")
   if evaluate is not None and (eval_every < 1 or not select_metric):
     raise ValueError(f"[{name}] evaluation needs eval_every >= 1 and a select_metric, got "
                      f"{eval_every}, {select_metric!r}")
+  if steps_per_dispatch > 1 and before_step is not None and refresh_at is None:
+    raise ValueError(f"[{name}] several steps per dispatch with a before_step need "
+                     f"refresh_at (the steps where it acts)")
+  periods = (log_every,) + ((eval_every,) if evaluate is not None else ())
   t0 = t_compiled = time.time()
-  values, evaluations, best, done = {}, [], None, 0
-  for step, batch in zip(range(steps), batches):
+  values, evaluations, best, done, compiled_steps = {}, [], None, 0, 0
+  while done < steps:
     if before_step is not None:
-      params = before_step(step, params)
-    params, opt_state, metrics = train_step(params, opt_state, batch, step)
-    if step == 0:
+      params = before_step(done, params)
+    count = min(steps_per_dispatch, steps - done, *(p - done % p for p in periods))
+    if refresh_at is not None:
+      count = next((j for j in range(1, count) if refresh_at(done + j)), count)
+    group = list(itertools.islice(batches, count))
+    if len(group) < count:
+      break
+    params, opt_state, metrics = train_step(
+        params, opt_state, group if steps_per_dispatch > 1 else group[0], done)
+    if done == 0:
       jax.block_until_ready(params)
-      t_compiled = time.time()
-    done = step + 1
+      t_compiled, compiled_steps = time.time(), count
+    done += count
     if evaluate is not None and (done % eval_every == 0 or done == steps):
       result = evaluate(params)
       evaluations.append({"step": done, **result})
@@ -189,7 +211,7 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
       if best is None or result[select_metric] < best[0]:
         best = (result[select_metric], done, jax.tree.map(jnp.copy, params))  # next step donates
     if done % log_every == 0 or done == steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "steps"}
       if not all(np.isfinite(v) for v in values.values()):
         raise FloatingPointError(
             f"[{name}] step {done}: non-finite training metrics {values}; lower the learning "
@@ -205,8 +227,8 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
   t_end = time.time()
   stats = {"final_losses": {k: v for k, v in values.items() if k not in ("loss", "grad_norm")},
            "steps": steps, "seconds": t_end - t0,
-           "steps_per_second": (steps - 1) / (t_end - t_compiled) if steps > 1
-           else 1.0 / (t_end - t0)}
+           "steps_per_second": (steps - compiled_steps) / (t_end - t_compiled)
+           if steps > compiled_steps else steps / (t_end - t0)}
   if best is not None:
     params = best[2]
     stats.update(evaluations=evaluations, selected_step=best[1])

@@ -81,6 +81,19 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
   return out
 
 
+def shard_item_dispatch(indices: list[np.ndarray], steps: int, mesh: jax.sharding.Mesh
+                        ) -> dict[str, jax.Array]:
+  """Tokenizer batches of several updates in one call (`Trainer.train_steps`): `indices`, up
+  to `steps` arrays int [B] of item indices, stacked into `idx` [steps, B] (filler steps
+  repeat the first batch and are masked out by `step_mask` [steps]); split over `data` along B
+  as `shard_item_batch`."""
+  idx = np.stack(indices + [indices[0]] * (steps - len(indices)))
+  mask = replicate(jnp.asarray(np.arange(steps) < len(indices)), mesh)
+  if idx.shape[1] % mesh.size:
+    return {"idx": replicate(jnp.asarray(idx), mesh), "step_mask": mask}
+  return {**shard_batch({"idx": idx}, mesh, batch_axis=1), "step_mask": mask}
+
+
 def shard_stacked_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
                         ) -> dict[str, jax.Array]:
   """A dispatch of stacked batches (`data.batching.sample_dispatches`): the fields

@@ -30,7 +30,8 @@ from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, co
 from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, RQVAEOutput, rqvae_losses
 from genrec_jax.training import loop
-from genrec_jax.training.sharding import make_mesh, replicate, shard_item_batch
+from genrec_jax.training.sharding import (make_mesh, replicate, shard_item_batch,
+                                          shard_item_dispatch)
 from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
 UNITS = ("steps", "epochs")
@@ -50,6 +51,8 @@ class TokenizerTrainConfig:
     selection: "last" or "min_collision" (lowest collision rate among evaluations).
     eval_every: units between collision-rate evaluations for "min_collision".
     log_every: steps between progress lines.
+    steps_per_dispatch: updates per compiled call (a `lax.scan` over stacked item batches; the
+      same updates as one per call, for accelerators where a call costs more than a step).
   """
 
   length: int = 20000
@@ -62,6 +65,7 @@ class TokenizerTrainConfig:
   selection: str = "last"
   eval_every: int = 2000
   log_every: int = 500
+  steps_per_dispatch: int = 1  # updates per compiled call (`loop.fit_steps`)
 
   def steps_per_unit(self, num_items: int) -> int:
     """Batches in one unit: 1 for steps, N // batch_size for epochs (at least 1)."""
@@ -161,9 +165,17 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
       context["regularizer"] = replicate(regularizer.context(trainer.merge(params), i), mesh)
     return params
 
+  def refresh_at(i):
+    return i in cfg.kmeans_refresh_steps or (regularizer is not None and i % refresh_every == 0)
+
   def train_step(params, opt_state, batch, i):
-    return trainer.train_step(params, opt_state, batch, jax.random.fold_in(key, 10_000_000 + i),
-                              context)
+    step_key = jax.random.fold_in(key, 10_000_000 + i)
+    if cfg.steps_per_dispatch == 1:
+      return trainer.train_step(params, opt_state, shard_item_batch(batch, mesh), step_key,
+                                context)
+    return trainer.train_steps(params, opt_state,
+                               shard_item_dispatch(batch, cfg.steps_per_dispatch, mesh),
+                               step_key, context)
 
   def collision(params):
     return {"collision_rate": collision_rate(encode_items(trainer.merge(params), features))}
@@ -172,10 +184,10 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   params, stats = loop.fit_steps(
       name="tokenizer", params=trainer.init_params,
       opt_state=trainer.init_opt_state(trainer.init_params), train_step=train_step,
-      batches=(shard_item_batch(idx, mesh) for idx in item_batches(n, cfg.batch_size, seed)),
-      steps=steps, log_every=cfg.log_every, before_step=before_step,
-      evaluate=collision if select else None, eval_every=cfg.eval_every * per_unit,
-      select_metric="collision_rate")
+      batches=item_batches(n, cfg.batch_size, seed), steps=steps, log_every=cfg.log_every,
+      before_step=before_step, evaluate=collision if select else None,
+      eval_every=cfg.eval_every * per_unit, select_metric="collision_rate",
+      steps_per_dispatch=cfg.steps_per_dispatch, refresh_at=refresh_at)
   if select:
     stats["collision_evaluations"] = stats.pop("evaluations")
   return trainer.merge(params), stats
