@@ -349,10 +349,11 @@ def test_dispatches_stack_one_width_and_keep_the_shuffled_order(grouping):
                                         grouping=grouping))
     firsts, seen = [], []
     for batch, idx in dispatches:
-        mask = batch["step_mask"]
+        mask = batch["step_ids"] >= 0
         assert idx.shape == (3, 32) and mask.tolist() == sorted(mask.tolist(), reverse=True)
         assert (idx[~mask] == -1).all() and (batch["weight"][~mask] == 0).all()
         order = [position[tuple(row)] for row in idx[mask]]
+        assert order == batch["step_ids"][mask].tolist()  # each batch's step number
         assert order == sorted(order)  # a dispatch keeps its bucket's shuffled order
         assert {batches[i][0] for i in order} == {batch["history"].shape[2]}  # one width
         firsts.append(order[0])

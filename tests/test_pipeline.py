@@ -117,8 +117,8 @@ def test_same_training_on_one_and_eight_devices(tmp_path):
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-4)
 
 
-def _tiny_grm(buckets, steps_per_dispatch=1, epochs=3):
-  """A 1+1-layer T5 trainer (no dropout), a 30-item table and 200 random samples."""
+def _tiny_grm(buckets, steps_per_dispatch=1, epochs=3, dropout_rate=0.0):
+  """A 1+1-layer T5 trainer, a 30-item table and 200 random samples."""
   from genrec_jax.data.splits import SampleSet
   from genrec_jax.recommenders.t5 import T5Config
   from genrec_jax.tokenizers.identifiers import assign_dedup, one_to_one_table
@@ -135,7 +135,7 @@ def _tiny_grm(buckets, steps_per_dispatch=1, epochs=3):
                       user=np.arange(200, dtype=np.int32))
   trainer = GRMTrainer(T5Config(vocab_size=table.vocab_size, d_model=16, d_ff=32, num_heads=2,
                                 d_kv=8, num_encoder_layers=1, num_decoder_layers=1,
-                                dropout_rate=0.0),
+                                dropout_rate=dropout_rate),
                        GRMTrainConfig(batch_size=32, eval_batch_size=32, beam_size=5,
                                       length_buckets=buckets,
                                       steps_per_dispatch=steps_per_dispatch,
@@ -164,12 +164,13 @@ def test_train_step_compiles_once_per_length_bucket(tmp_path, steps_per_dispatch
 
 def test_several_steps_per_dispatch_train_as_single_steps(tmp_path):
   """With one length bucket the dispatches of 3 stacked batches hold the epoch's batches in
-  their shuffled order (the last dispatch padded with filler steps): the same updates as one
-  batch per call, so the same losses, validation metrics and parameters."""
+  their shuffled order (the last dispatch padded with filler steps), each with its dropout key:
+  the same updates as one batch per call, so the same losses, validation metrics and
+  parameters."""
   import jax
   runs = []
   for k in (1, 3):
-    trainer, table, num_items, samples = _tiny_grm((4,), k, epochs=2)
+    trainer, table, num_items, samples = _tiny_grm((4,), k, epochs=2, dropout_rate=0.3)
     params, state = trainer.train(table, num_items, samples, samples, str(tmp_path / f"k{k}"))
     runs.append((jax.tree.leaves(params), state["history"]))
   (params1, hist1), (params3, hist3) = runs

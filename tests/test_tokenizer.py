@@ -280,27 +280,42 @@ def test_kmeans_refresh_refits_the_codebooks_to_the_moved_encoder():
     train_tokenizer(cfg, dataclasses.replace(train_cfg, kmeans_refresh_steps=(30,)), x)
 
 
+class _NoisyPull:
+  """A regularizer that reads its key and a context refreshed every 5 steps."""
+
+  refresh_steps = 5
+
+  def context(self, model, step):
+    return {"target": jnp.full((4,), 0.1 * step, jnp.float32)}
+
+  def loss(self, model, output, context, key):
+    noise = jax.random.normal(key, output.latent.shape)
+    term = 0.01 * jnp.mean((output.latent + noise - context["target"]) ** 2)
+    return term, {"pull": term}
+
+
 def test_tokenizer_steps_in_one_dispatch_make_the_same_updates_refreshes_and_selection():
   """Several updates per call (a scan) against one per call: dispatches are cut at the k-means
-  refresh, the evaluations and the progress lines, so the same model and selection result."""
+  refresh, the regularizer's refreshes, the evaluations and the progress lines, and each step
+  keeps its key, so the same model and selection result."""
   import dataclasses
   from genrec_jax.training.tokenizer import TokenizerTrainConfig, encode_items, train_tokenizer
   rng = np.random.default_rng(0)
   x = rng.normal(size=(256, 12)).astype(np.float32)
   cfg = RQVAEConfig(input_dim=12, hidden_dims=(16,), latent_dim=4, num_levels=2,
                     codebook_size=8)
-  one = TokenizerTrainConfig(length=5, unit="epochs", batch_size=64, learning_rate=1e-2,
-                             kmeans_iterations=5, kmeans_refresh_steps=(7,),
-                             selection="min_collision", eval_every=2, log_every=3)
-  runs = [train_tokenizer(cfg, dataclasses.replace(one, steps_per_dispatch=k), x, seed=0)
-          for k in (1, 6)]
-  (model1, stats1), (model6, stats6) = runs
-  for a, b in zip(jax.tree.leaves(nnx.state(model1)), jax.tree.leaves(nnx.state(model6))):
+  one = TokenizerTrainConfig(length=8, unit="epochs", batch_size=64, learning_rate=1e-2,
+                             kmeans_iterations=5, kmeans_refresh_steps=(13,),
+                             selection="min_collision", eval_every=3, log_every=16)
+  runs = [train_tokenizer(cfg, dataclasses.replace(one, steps_per_dispatch=k), x, seed=0,
+                          regularizer=_NoisyPull()) for k in (1, 4)]
+  (model1, stats1), (model4, stats4) = runs
+  for a, b in zip(jax.tree.leaves(nnx.state(model1)), jax.tree.leaves(nnx.state(model4))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
-  np.testing.assert_array_equal(encode_items(model1, x), encode_items(model6, x))
-  assert stats1["selected_step"] == stats6["selected_step"]
-  assert [e["step"] for e in stats1["collision_evaluations"]] == [8, 16, 20]
-  assert stats1["collision_evaluations"] == stats6["collision_evaluations"]
+  np.testing.assert_array_equal(encode_items(model1, x), encode_items(model4, x))
+  assert stats1["selected_step"] == stats4["selected_step"]
+  assert [e["step"] for e in stats1["collision_evaluations"]] == [12, 24, 32]
+  assert stats1["collision_evaluations"] == stats4["collision_evaluations"]
 
 
 def test_diversity_loss_shapes_only_the_codebook_and_matches_numpy():

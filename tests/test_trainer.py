@@ -92,9 +92,9 @@ def test_steps_in_one_dispatch_follow_sgd_and_filler_steps_change_nothing():
   lr = {"a": 0.1, "b": 0.01}
   trainer = Trainer(TwoParts(), squared_error, {g: optax.sgd(lr[g]) for g in lr}, mesh)
   batches, context = [_batch(seed=s) for s in range(3)], {"scale": jnp.float32(2.0)}
-  filler = {"x": np.zeros((8, 3), np.float32), "y": np.zeros(8, np.float32)}
+  filler = {"x": np.full((8, 3), np.nan, np.float32), "y": np.zeros(8, np.float32)}
   stacked = {k: np.stack([b[k] for b in batches + [filler]]) for k in ("x", "y")}
-  stacked["step_mask"] = np.array([True, True, True, False])
+  stacked["step_ids"] = np.array([0, 1, 2, -1], np.int32)
   params = jax.tree.map(jnp.copy, trainer.init_params)
   expected, losses = _flat(trainer, params), []
   for batch in batches:  # the reference: three SGD steps one after the other, by hand
@@ -103,10 +103,36 @@ def test_steps_in_one_dispatch_follow_sgd_and_filler_steps_change_nothing():
     expected = _numpy_sgd_step(expected, batch, lr, 2.0, ("a", "b"))
   params, _, metrics = trainer.train_steps(params, trainer.init_opt_state(params), stacked,
                                            jax.random.key(0), context)
-  for name, value in _flat(trainer, params).items():
+  for name, value in _flat(trainer, params).items():  # the NaN filler step was skipped
     np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6)
   assert int(metrics["steps"]) == 3  # the filler step is neither applied nor averaged
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+
+
+def test_a_dispatch_equals_single_steps_with_their_keys_and_optimizer_state():
+  """AdamW (stateful) and a keyed objective: the scan's steps against `train_step` calls with
+  the keys fold_in(key, step_id); a filler step touches neither parameters nor moments."""
+  mesh = make_mesh()
+
+  def noisy_error(model, batch, key, context):
+    noise = 0.1 * jax.random.normal(key, batch["y"].shape)
+    return jnp.mean((model(batch["x"])[:, 0] - batch["y"] - noise) ** 2), {}
+
+  trainer = Trainer(TwoParts(), noisy_error, optax.adamw(0.05), mesh)
+  batches, key = [_batch(seed=s) for s in range(3)], jax.random.key(7)
+  stacked = {k: np.stack([b[k] for b in batches + batches[:1]]) for k in ("x", "y")}
+  stacked["step_ids"] = np.array([4, 9, 5, -1], np.int32)
+  params = jax.tree.map(jnp.copy, trainer.init_params)
+  opt_state = trainer.init_opt_state(params)
+  for batch, step_id in zip(batches, (4, 9, 5)):
+    params, opt_state, _ = trainer.train_step(params, opt_state, batch,
+                                              jax.random.fold_in(key, step_id))
+  expected = jax.tree.leaves((params, opt_state))
+  params = jax.tree.map(jnp.copy, trainer.init_params)
+  params, opt_state, _ = trainer.train_steps(params, trainer.init_opt_state(params), stacked,
+                                             key)
+  for a, b in zip(jax.tree.leaves((params, opt_state)), expected):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_epoch_means_weight_a_dispatch_by_its_updates():

@@ -98,26 +98,28 @@ def sample_dispatches(samples, batch_size: int, boundaries: tuple[int, ...], ste
 
   The epoch's batches (`bucketed_batches`, shuffled) are grouped by width: each bucket's
   batches, in their shuffled order, are cut into runs of `steps`, the last run completed with
-  filler steps (every row -1, `step_mask` False), and the runs are taken in the order of their
-  first batch. Yields (batch, indices int64 [steps, B]): the `sample_batches` fields stacked on
-  a leading axis [steps, B, ...] and `step_mask` bool [steps].
+  filler steps (every row -1), and the runs are taken in the order of their first batch.
+  Yields (batch, indices int64 [steps, B]): the `sample_batches` fields stacked on a leading
+  axis [steps, B, ...] and `step_ids` int32 [steps], each batch's position in the epoch's
+  shuffled order (the step number it has with one batch per call; -1 = filler step).
   """
   if steps < 1:
     raise ValueError(f"steps per dispatch must be >= 1, got {steps}")
-  runs: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
+  runs: dict[int, list[tuple[int, list[tuple[int, np.ndarray]]]]] = {}
   for position, (slots, idx) in enumerate(bucketed_batches(
       samples.lengths, batch_size, boundaries, seed=seed, epoch=epoch, grouping=grouping)):
     bucket = runs.setdefault(slots, [])
     if not bucket or len(bucket[-1][1]) == steps:
       bucket.append((position, []))
-    bucket[-1][1].append(idx)
+    bucket[-1][1].append((position, idx))
   ordered = sorted((first, slots, members) for slots, bucket in runs.items()
                    for first, members in bucket)
   for _, slots, members in ordered:
-    mask = np.arange(steps) < len(members)
     idx = np.full((steps, batch_size), -1, np.int64)
-    idx[:len(members)] = members
-    yield {**gather_samples(samples, idx, slots), "step_mask": mask}, idx
+    idx[:len(members)] = [batch for _, batch in members]
+    step_ids = np.full(steps, -1, np.int32)
+    step_ids[:len(members)] = [position for position, _ in members]
+    yield {**gather_samples(samples, idx, slots), "step_ids": step_ids}, idx
 
 
 def gather_samples(samples, idx: np.ndarray, slots: int) -> dict[str, np.ndarray]:

@@ -5,10 +5,11 @@ A sample is (history of items, next item). Items become identifier tokens throug
 predicts the target's L + 1 tokens after the start token 0 (cross-entropy, METHODS.md section 3).
 Ranking is jit-compiled trie-constrained beam search (`genrec_jax.decoding`).
 
-Training runs through the shared `Trainer` (one jitted, donated step; parameters replicated and
-batches sharded over the mesh's `data` axis), one batch per call or, with
-`steps_per_dispatch` K > 1, K batches of one length bucket per call (`Trainer.train_steps`). Batches carry item indices; the identifier map is
-an input of the compiled steps (`identifier_inputs`), looked up on the device.
+Training runs through the shared `Trainer` (one jitted, donated step; parameters replicated
+and batches sharded over the mesh's `data` axis), one batch per call or, with
+`steps_per_dispatch` K > 1, K batches of one length bucket per call (`Trainer.train_steps`).
+Batches carry item indices; the identifier map is an input of the compiled steps
+(`identifier_inputs`), looked up on the device.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ model code; both stop on non-finite metrics.
 
 The epoch loop calls `train_step(params, opt_state, batch, key, epoch)` (a jitted pure
 function returning the new state and a dict of scalar metrics with `loss` and `grad_norm`,
-and `steps` when the call made several updates; `training.trainer.Trainer` builds it), stops with an error when an epoch's loss or gradient
+and `steps` when the call made several updates; `training.trainer.Trainer` builds it; the
+key is fold_in(epoch key, step), or the epoch key for a batch of several updates, which
+carries their `step_ids`), stops with an error when an epoch's loss or gradient
 norm is not finite, evaluates with `evaluate(params) -> metrics` every `eval_every` epochs,
 keeps the best parameters by `select_metric` (model selection on validation: the returned parameters are the
 best ones, not the last), stops after `patience` evaluations without improvement, and saves a
@@ -89,8 +91,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
     t0, step_metrics, samples = time.time(), [], 0
     epoch_key = jax.random.fold_in(base_key, epoch)
     for step, (batch, real) in enumerate(epoch_batches(epoch)):
-      params, opt_state, metrics = train_step(params, opt_state, batch,
-                                              jax.random.fold_in(epoch_key, step), epoch)
+      # a dispatch of several updates folds each update's key from the epoch key itself
+      key = epoch_key if "step_ids" in batch else jax.random.fold_in(epoch_key, step)
+      params, opt_state, metrics = train_step(params, opt_state, batch, key, epoch)
       step_metrics.append(metrics)
       samples += real
     if not step_metrics:
@@ -173,7 +176,8 @@ def fit_steps(*, name: str, params, opt_state, train_step: Callable, batches: It
 
   Returns:
     (params, stats): stats holds "final_losses" (the last call's metrics without the loss
-    and gradient norm: the objective's parts), "steps", "seconds", "steps_per_second" (after
+    and gradient norm: the objective's parts; with several steps per call, their mean over
+    that call's steps), "steps", "seconds", "steps_per_second" (after
     the first, compiling, call), and with `evaluate` "evaluations" ([{"step", **metrics}]) and
     "selected_step".
   """

@@ -81,26 +81,16 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
   return out
 
 
-def shard_item_dispatch(indices: list[np.ndarray], steps: int, mesh: jax.sharding.Mesh
-                        ) -> dict[str, jax.Array]:
-  """Tokenizer batches of several updates in one call (`Trainer.train_steps`): `indices`, up
-  to `steps` arrays int [B] of item indices, stacked into `idx` [steps, B] (filler steps
-  repeat the first batch and are masked out by `step_mask` [steps]); split over `data` along B
-  as `shard_item_batch`."""
-  idx = np.stack(indices + [indices[0]] * (steps - len(indices)))
-  mask = replicate(jnp.asarray(np.arange(steps) < len(indices)), mesh)
-  if idx.shape[1] % mesh.size:
-    return {"idx": replicate(jnp.asarray(idx), mesh), "step_mask": mask}
-  return {**shard_batch({"idx": idx}, mesh, batch_axis=1), "step_mask": mask}
-
-
 def shard_stacked_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
                         ) -> dict[str, jax.Array]:
-  """A dispatch of stacked batches (`data.batching.sample_dispatches`): the fields
-  [steps, B, ...] split over `data` along B, `step_mask` [steps] replicated."""
+  """A dispatch of stacked batches (`Trainer.train_steps`): the fields [steps, B, ...] split
+  over `data` along B (replicated when the devices do not divide B, as `shard_item_batch`),
+  `step_ids` [steps] replicated."""
   batch = dict(batch)
-  mask = replicate(jnp.asarray(batch.pop("step_mask")), mesh)
-  return {**shard_batch(batch, mesh, batch_axis=1), "step_mask": mask}
+  step_ids = replicate(jnp.asarray(batch.pop("step_ids")), mesh)
+  if any(value.shape[1] % mesh.size for value in batch.values()):
+    return {**replicate(jax.tree.map(jnp.asarray, batch), mesh), "step_ids": step_ids}
+  return {**shard_batch(batch, mesh, batch_axis=1), "step_ids": step_ids}
 
 
 def shard_item_batch(idx: np.ndarray, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -31,7 +31,7 @@ from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, RQVAEOutput, rqvae_losses
 from genrec_jax.training import loop
 from genrec_jax.training.sharding import (make_mesh, replicate, shard_item_batch,
-                                          shard_item_dispatch)
+                                          shard_stacked_batch)
 from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
 UNITS = ("steps", "epochs")
@@ -169,13 +169,12 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
     return i in cfg.kmeans_refresh_steps or (regularizer is not None and i % refresh_every == 0)
 
   def train_step(params, opt_state, batch, i):
-    step_key = jax.random.fold_in(key, 10_000_000 + i)
     if cfg.steps_per_dispatch == 1:
-      return trainer.train_step(params, opt_state, shard_item_batch(batch, mesh), step_key,
-                                context)
-    return trainer.train_steps(params, opt_state,
-                               shard_item_dispatch(batch, cfg.steps_per_dispatch, mesh),
-                               step_key, context)
+      return trainer.train_step(params, opt_state, shard_item_batch(batch, mesh),
+                                jax.random.fold_in(key, STEP_KEY_OFFSET + i), context)
+    stacked = stack_item_batches(batch, cfg.steps_per_dispatch, STEP_KEY_OFFSET + i)
+    return trainer.train_steps(params, opt_state, shard_stacked_batch(stacked, mesh), key,
+                               context)
 
   def collision(params):
     return {"collision_rate": collision_rate(encode_items(trainer.merge(params), features))}
@@ -191,6 +190,19 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
   if select:
     stats["collision_evaluations"] = stats.pop("evaluations")
   return trainer.merge(params), stats
+
+
+STEP_KEY_OFFSET = 10_000_000  # step i's key is fold_in(key, STEP_KEY_OFFSET + i)
+
+
+def stack_item_batches(indices: list[np.ndarray], steps: int, first_id: int) -> dict:
+  """Up to `steps` consecutive item batches int [B] as one dispatch (`Trainer.train_steps`):
+  `idx` [steps, B] and `step_ids` [steps] (first_id, first_id + 1, ...; filler steps -1,
+  repeating the first batch)."""
+  step_ids = np.full(steps, -1, np.int32)
+  step_ids[:len(indices)] = first_id + np.arange(len(indices))
+  return {"idx": np.stack(indices + [indices[0]] * (steps - len(indices))),
+          "step_ids": step_ids}
 
 
 @nnx.jit

@@ -112,31 +112,37 @@ class Trainer:
     metrics).
 
     batches: the leaves of K batches of one shape stacked on a leading axis [K, B, ...], plus
-    `step_mask` bool [K]: False marks a filler step, which leaves the parameters and optimizer
-    state unchanged (so every dispatch has K steps and one compiled shape). Step j draws its
-    dropout key as `fold_in(key, j)`. metrics: the real steps' mean of each train-step metric
-    and `steps`, their number (the epoch loop weights dispatches by it). Donation as
-    `train_step`.
+    `step_ids` int32 [K]: step j updates with the dropout key `fold_in(key, step_ids[j])`, so
+    that a step makes the update `train_step` makes with that key; -1 marks a filler step,
+    skipped (`lax.cond`: no compute, parameters and optimizer state unchanged), so that every
+    dispatch has K steps and one compiled shape. metrics: the real steps' mean of each
+    train-step metric and `steps`, their number (the epoch loop weights dispatches by it).
+    Donation as `train_step`.
     """
     return self._steps(params, opt_state, batches, key, context or {},
                        trainable=self.check_trainable(trainable))
 
   def _train_steps(self, params, opt_state, batches, key, context, *, trainable):
     batches = dict(batches)
-    mask = batches.pop("step_mask")
+    step_ids = batches.pop("step_ids")
+
+    def update(state, batch, step_id):
+      return self._train_step(*state, batch, jax.random.fold_in(key, step_id), context,
+                              trainable=trainable)
 
     def body(state, xs):
-      j, real, batch = xs
-      new_params, new_opt, metrics = self._train_step(
-          *state, batch, jax.random.fold_in(key, j), context, trainable=trainable)
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(real, a, b), new, old)
-      return (keep(new_params, state[0]), keep(new_opt, state[1])), metrics
+      step_id, batch = xs
+      skipped = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype),
+                             jax.eval_shape(update, state, batch, step_id)[2])
+      *state, metrics = jax.lax.cond(step_id >= 0, update,
+                                     lambda state, *_: (*state, skipped),
+                                     state, batch, step_id)
+      return tuple(state), metrics
 
-    steps = jnp.arange(mask.shape[0])
-    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state),
-                                                (steps, mask, batches))
-    count = mask.sum()
-    means = {k: jnp.sum(jnp.where(mask, v, 0.0)) / jnp.maximum(count, 1)
+    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), (step_ids, batches))
+    real = step_ids >= 0
+    count = real.sum()
+    means = {k: jnp.sum(jnp.where(real, v, 0.0)) / jnp.maximum(count, 1)
              for k, v in metrics.items()}
     return params, opt_state, {**means, "steps": count}
 
@@ -169,7 +175,7 @@ class Trainer:
     Args:
       name: stage name for logs.
       epoch_batches: epoch -> iterable of (sharded batch, number of real samples); a batch
-        with `step_mask` is a stack of batches, run in one dispatch (`train_steps`).
+        with `step_ids` is a stack of batches, run in one dispatch (`train_steps`).
       evaluate: params -> validation metrics (model selection, `loop_cfg.select_metric`).
       loop_cfg: epochs, evaluation period, patience, seed.
       checkpoint_dir: this stage's checkpoints (an interrupted fit resumes there).
@@ -188,7 +194,7 @@ class Trainer:
     schedule = trainable if callable(trainable) else (lambda _: trainable)
 
     def step(p, o, batch, key, epoch):
-      update = self.train_steps if "step_mask" in batch else self.train_step
+      update = self.train_steps if "step_ids" in batch else self.train_step
       return update(p, o, batch, key, context, schedule(epoch))
 
     return loop.fit(name=name, params=params, opt_state=self.init_opt_state(params),
