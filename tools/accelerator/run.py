@@ -73,7 +73,8 @@ SUITES = {
     ),
     "dact": (
         Run("smoke", "configs/dact_toys.py:smoke", "toys", 2.0, GPU_SPEED),
-        Run("dact_toys", "configs/dact_toys.py", "toys", 12.0, GPU_SPEED),
+        Run("dact_toys", "configs/dact_toys.py", "toys", 12.0,
+            GPU_SPEED + ("continual.retrain_max_minutes=1",)),  # RT: up to 4 x 200 epochs
     ),
     # The plumbing alone, a few steps per stage (also what the test runs, on synthetic data).
     "smoke": (
