@@ -397,9 +397,8 @@ def continual_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   Presets: "" = the paper (TIGER 4+4 layers, d_ff 1024, lr 1e-4, batch 256, up to 200 epochs
   per period with early stopping; tokenizer fine-tuning 5,000 steps at lr 1e-4, batch 1024,
   rho 0.3, tau 0.1, 32 slots, KL weight 5, stationary weight 0.1, alpha 0.02); "cpu" = the
-  small model of `apply_preset` with budgets for a 2-core CPU (52 minutes for all methods on
-  Toys in session 6 with 8 period-0 epochs, 12 SASRec epochs, 4 fine-tuning epochs and one CPU
-  device; the present preset is measured in experiments/dact_toys_cpu/README.md, session 9).
+  small model of `apply_preset` with budgets for a 2-core CPU (all methods on Toys in 37
+  minutes on 2 cores; experiments/dact_toys_cpu/README.md, session 9).
   """
   c.tokenizer.cf_weight = 0.02
   c.tokenizer.train_unit = "steps"  # the DACT paper: 20k steps (its code: 20k epochs)
