@@ -162,6 +162,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual.dact.warmup_steps = 50  # Linear warm-up, then linear decay to 0.
   c.continual.dact.grad_clip = 1.0  # Global gradient-norm clipping.
   c.continual.dact.log_every = 500  # Steps between progress lines.
+  c.continual.dact.steps_per_dispatch = 1  # Updates per compiled call (as
+  #   tokenizer.steps_per_dispatch; the same updates).
 
   c.etegrec = ml_collections.ConfigDict()  # Used by method "etegrec" (METHODS.md section 6).
   c.etegrec.cycle = 2  # C: one tokenizer epoch, then C - 1 recommender epochs (paper: 2 or 4).
@@ -219,6 +221,7 @@ POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epoc
             "tokenizer.batch_size", "tokenizer.steps_per_dispatch", "grm.d_model", "grm.epochs",
             "grm.eval_every", "grm.batch_size", "grm.eval_batch_size", "grm.beam_size",
             "grm.steps_per_dispatch", "continual.dact.steps", "continual.dact.batch_size",
+            "continual.dact.steps_per_dispatch",
             "continual.min_test_history", "etegrec.cycle", "etegrec.epochs", "etegrec.eval_every")
 
 

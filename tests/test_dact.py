@@ -423,3 +423,19 @@ def test_dact_finetuning_averages_the_rq_loss_over_levels_as_the_official_code()
   recon = np.asarray(tokenizer.decoder(jnp.asarray(quantized, jnp.float32)), np.float64)
   np.testing.assert_allclose(float(parts["recon"]), ((recon - np.asarray(x)) ** 2).mean(),
                              rtol=1e-4)
+
+
+def test_dact_finetuning_with_several_steps_per_dispatch_makes_the_same_updates(drift_run):
+  """The DACT loss (CDIM, differentiated update, KL) through `Trainer.train_steps`, 4 steps per
+  call with a filler step at the end, against one step per call."""
+  data = drift_run["data"]
+  cf1 = cooccurrence_embeddings(data.interactions, data.period_of_row == 1,
+                                random_anchors(NUM_ITEMS, LATENT, seed=0))
+  runs = [finetune_tokenizer(drift_run["base"], data.features, cf1,
+                             dataclasses.replace(FINETUNE, steps=15, log_every=15,
+                                                 steps_per_dispatch=k), "dact")
+          for k in (1, 4)]
+  for one, four in zip(runs[0][:2], runs[1][:2]):
+    for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(four))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert runs[1][2]["steps"] == 15

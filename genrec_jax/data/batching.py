@@ -154,3 +154,14 @@ def item_batches(num_items: int, batch_size: int, seed: int) -> Iterator[np.ndar
       order, cursor = rng.permutation(num_items), 0
     yield order[cursor:cursor + batch]
     cursor += batch
+
+
+def stack_item_batches(indices: list[np.ndarray], steps: int, first_id: int
+                       ) -> dict[str, np.ndarray]:
+  """Up to `steps` consecutive item batches int [B] (`item_batches`) as one dispatch of
+  `Trainer.train_steps`: `idx` [steps, B] and `step_ids` [steps] (first_id, first_id + 1, ...;
+  filler steps -1, repeating the first batch)."""
+  step_ids = np.full(steps, -1, np.int32)
+  step_ids[:len(indices)] = first_id + np.arange(len(indices))
+  return {"idx": np.stack(indices + [indices[0]] * (steps - len(indices))),
+          "step_ids": step_ids}

@@ -58,11 +58,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from genrec_jax.data.batching import item_batches
+from genrec_jax.data.batching import item_batches, stack_item_batches
 from genrec_jax.tokenizers.quantizer import squared_distances, squared_error
 from genrec_jax.tokenizers.rqvae import RQVAE, info_nce
 from genrec_jax.training import loop
-from genrec_jax.training.sharding import make_mesh, replicate, shard_item_batch
+from genrec_jax.training.sharding import (make_mesh, replicate, shard_item_batch,
+                                          shard_stacked_batch)
 from genrec_jax.training.trainer import Trainer
 
 MODES = ("naive", "dact", "reformer")
@@ -114,6 +115,7 @@ class DACTConfig:
   warmup_steps: int = 50
   grad_clip: float = 1.0
   log_every: int = 500
+  steps_per_dispatch: int = 1  # updates per compiled call (`loop.fit_steps`; same updates)
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -401,11 +403,17 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
     return naive_finetune_loss(merged[0], x, c, cfg, fixed)
 
   trainer = Trainer(modules, loss_fn, _optimizer(cfg), mesh)
+
+  def train_step(params, opt_state, batch, step):
+    if cfg.steps_per_dispatch == 1:
+      return trainer.train_step(params, opt_state, shard_item_batch(batch, mesh), None, data)
+    stacked = shard_stacked_batch(stack_item_batches(batch, cfg.steps_per_dispatch, step), mesh)
+    return trainer.train_steps(params, opt_state, stacked, jax.random.key(0), data)  # no dropout
+
   params, stats = loop.fit_steps(
       name=f"dact:{mode}", params=trainer.init_params,
-      opt_state=trainer.init_opt_state(trainer.init_params),
-      train_step=lambda p, o, batch, _: trainer.train_step(p, o, batch, None, data),
-      batches=(shard_item_batch(idx, mesh) for idx in item_batches(n, cfg.batch_size, seed)),
-      steps=cfg.steps, log_every=cfg.log_every)
+      opt_state=trainer.init_opt_state(trainer.init_params), train_step=train_step,
+      batches=item_batches(n, cfg.batch_size, seed), steps=cfg.steps, log_every=cfg.log_every,
+      steps_per_dispatch=cfg.steps_per_dispatch)
   merged = trainer.merge(params)
   return merged[0], merged[1] if mode == "dact" else cdim, stats

@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from genrec_jax.data.batching import item_batches
+from genrec_jax.data.batching import item_batches, stack_item_batches
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, collision_rate,
                                                one_to_one_table)
 from genrec_jax.tokenizers.quantizer import code_usage
@@ -193,16 +193,6 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
 
 
 STEP_KEY_OFFSET = 10_000_000  # step i's key is fold_in(key, STEP_KEY_OFFSET + i)
-
-
-def stack_item_batches(indices: list[np.ndarray], steps: int, first_id: int) -> dict:
-  """Up to `steps` consecutive item batches int [B] as one dispatch (`Trainer.train_steps`):
-  `idx` [steps, B] and `step_ids` [steps] (first_id, first_id + 1, ...; filler steps -1,
-  repeating the first batch)."""
-  step_ids = np.full(steps, -1, np.int32)
-  step_ids[:len(indices)] = first_id + np.arange(len(indices))
-  return {"idx": np.stack(indices + [indices[0]] * (steps - len(indices))),
-          "step_ids": step_ids}
 
 
 @nnx.jit
