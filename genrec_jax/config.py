@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sasrec.learning_rate = 1e-3  # AdamW learning rate.
   c.sasrec.batch_size = 128  # Users per batch.
   c.sasrec.epochs = 200  # Epoch budget.
+  c.sasrec.steps_per_dispatch = 1  # Updates per compiled call (as grm.steps_per_dispatch).
   c.sasrec.eval_every = 2  # Epochs between validation evaluations.
   c.sasrec.patience = 5  # Evaluations without improvement before early stopping.
 
@@ -216,13 +217,14 @@ CHOICES = {
     "etegrec.sia_level_reduction": ("sum", "mean"),
 }
 POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs",
-            "sasrec.batch_size", "sasrec.max_len", "tokenizer.latent_dim", "tokenizer.num_levels",
-            "tokenizer.codebook_size", "tokenizer.dedup_size", "tokenizer.train_length",
-            "tokenizer.batch_size", "tokenizer.steps_per_dispatch", "grm.d_model", "grm.epochs",
-            "grm.eval_every", "grm.batch_size", "grm.eval_batch_size", "grm.beam_size",
-            "grm.steps_per_dispatch", "continual.dact.steps", "continual.dact.batch_size",
-            "continual.dact.steps_per_dispatch",
-            "continual.min_test_history", "etegrec.cycle", "etegrec.epochs", "etegrec.eval_every")
+            "sasrec.batch_size", "sasrec.max_len", "sasrec.steps_per_dispatch",
+            "tokenizer.latent_dim", "tokenizer.num_levels", "tokenizer.codebook_size",
+            "tokenizer.dedup_size", "tokenizer.train_length", "tokenizer.batch_size",
+            "tokenizer.steps_per_dispatch", "grm.d_model", "grm.epochs", "grm.eval_every",
+            "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "grm.steps_per_dispatch",
+            "continual.dact.steps", "continual.dact.batch_size",
+            "continual.dact.steps_per_dispatch", "continual.min_test_history", "etegrec.cycle",
+            "etegrec.epochs", "etegrec.eval_every")
 
 
 SHARDED_BATCHES = ("sasrec.batch_size", "tokenizer.batch_size", "grm.batch_size",

@@ -169,7 +169,7 @@ def sasrec_trainer(config, num_items: int, mesh) -> SASRecTrainer:
   buckets = tuple(b for b in (5, 10, 20) if b < s.max_len) + (s.max_len,)
   train_cfg = SASRecTrainConfig(
       loss=s.loss, learning_rate=s.learning_rate, batch_size=s.batch_size,
-      length_buckets=buckets,
+      length_buckets=buckets, steps_per_dispatch=s.steps_per_dispatch,
       loop=LoopConfig(epochs=s.epochs, eval_every=s.eval_every, patience=s.patience,
                       seed=config.seed))
   return SASRecTrainer(model_cfg, train_cfg, mesh, seed=config.seed)

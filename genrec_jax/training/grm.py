@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from genrec_jax.data.batching import sample_batches, sample_dispatches
+from genrec_jax.data.batching import sample_batches
 from genrec_jax.data.splits import SampleSet
 from genrec_jax.decoding.beam_search import beam_search, distinct_items
 from genrec_jax.decoding.trie import Trie, build_trie, trie_capacity
@@ -35,7 +35,7 @@ from genrec_jax.tokenizers.identifiers import IdentifierTable
 from genrec_jax.training import loop
 from genrec_jax.training.optim import make_optimizer
 from genrec_jax.training.sharding import (check_batch_size, replicate, shard_batch,
-                                          shard_stacked_batch)
+                                          sharded_training_batches)
 from genrec_jax.training.trainer import Trainer
 
 
@@ -208,17 +208,10 @@ class GRMTrainer:
     loop_cfg = loop_cfg or self.cfg.loop
 
     def epoch_batches(epoch):
-      cfg = self.cfg
-      if cfg.steps_per_dispatch > 1:
-        for batch, idx in sample_dispatches(train, cfg.batch_size, cfg.length_buckets,
-                                            cfg.steps_per_dispatch, seed=loop_cfg.seed,
-                                            epoch=epoch, grouping=cfg.batch_grouping):
-          yield shard_stacked_batch(batch, self.mesh), int((idx >= 0).sum())
-        return
-      for batch, idx in sample_batches(train, cfg.batch_size, cfg.length_buckets,
-                                       seed=loop_cfg.seed, epoch=epoch,
-                                       grouping=cfg.batch_grouping):
-        yield shard_batch(batch, self.mesh), int((idx >= 0).sum())
+      return sharded_training_batches(
+          train, self.cfg.batch_size, self.cfg.length_buckets, self.mesh, seed=loop_cfg.seed,
+          epoch=epoch, grouping=self.cfg.batch_grouping,
+          steps_per_dispatch=self.cfg.steps_per_dispatch)
 
     return self.trainer.fit(name="grm", epoch_batches=epoch_batches,
                             evaluate=lambda p: self.evaluate(p, table, num_items, valid),

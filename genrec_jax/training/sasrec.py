@@ -28,7 +28,8 @@ from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.recommenders.sasrec import SASRec, SASRecConfig
 from genrec_jax.training import loop
 from genrec_jax.training.optim import make_optimizer
-from genrec_jax.training.sharding import check_batch_size, replicate, shard_batch
+from genrec_jax.training.sharding import (check_batch_size, replicate, shard_batch,
+                                          sharded_training_batches)
 from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
 
@@ -44,6 +45,7 @@ class SASRecTrainConfig:
   batch_size: int = 128
   eval_batch_size: int = 512
   length_buckets: tuple[int, ...] = (5, 10, 20, 50)
+  steps_per_dispatch: int = 1  # updates per compiled call (`Trainer.train_steps`)
   loop: loop.LoopConfig = loop.LoopConfig(epochs=200, patience=10)
 
 
@@ -129,9 +131,9 @@ class SASRecTrainer:
                        f"outside known_items; mark every item of the training data as known")
 
     def epoch_batches(epoch):
-      for batch, idx in sample_batches(windows, self.cfg.batch_size, self.cfg.length_buckets,
-                                       seed=loop_cfg.seed, epoch=epoch):
-        yield shard_batch(batch, self.mesh), int((idx >= 0).sum())
+      return sharded_training_batches(
+          windows, self.cfg.batch_size, self.cfg.length_buckets, self.mesh, seed=loop_cfg.seed,
+          epoch=epoch, steps_per_dispatch=self.cfg.steps_per_dispatch)
 
     return self.trainer.fit(name="sasrec", epoch_batches=epoch_batches,
                             evaluate=lambda p: self.evaluate(p, valid, known_items),

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from genrec_jax.data.batching import sample_batches, sample_dispatches
+
 DATA_AXIS = "data"
 
 
@@ -99,3 +101,19 @@ def shard_item_batch(idx: np.ndarray, mesh: jax.sharding.Mesh) -> dict[str, jax.
   if len(idx) % mesh.size:
     return replicate({"idx": jnp.asarray(idx)}, mesh)
   return shard_batch({"idx": idx}, mesh)
+
+
+def sharded_training_batches(samples, batch_size: int, boundaries: tuple[int, ...],
+                             mesh: jax.sharding.Mesh, *, seed: int, epoch: int,
+                             grouping: str = "length", steps_per_dispatch: int = 1):
+  """An epoch's training batches on the mesh, with their numbers of real samples: one batch
+  per update (`sample_batches`), or with steps_per_dispatch K > 1 stacks of K batches of one
+  bucket (`sample_dispatches`, for `Trainer.train_steps`)."""
+  if steps_per_dispatch > 1:
+    for batch, idx in sample_dispatches(samples, batch_size, boundaries, steps_per_dispatch,
+                                        seed=seed, epoch=epoch, grouping=grouping):
+      yield shard_stacked_batch(batch, mesh), int((idx >= 0).sum())
+    return
+  for batch, idx in sample_batches(samples, batch_size, boundaries, seed=seed, epoch=epoch,
+                                   grouping=grouping):
+    yield shard_batch(batch, mesh), int((idx >= 0).sum())

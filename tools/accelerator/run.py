@@ -58,6 +58,7 @@ class Run:
 # Speed settings of the GPU runs (not the papers' protocol: one length bucket's batches per
 # compiled call in their shuffled order, validation users in large batches).
 GPU_SPEED = ("grm.steps_per_dispatch=32", "grm.eval_batch_size=2048",
+             "sasrec.steps_per_dispatch=32",
              "tokenizer.steps_per_dispatch=50",  # 50 divides the 500-step log periods
              "continual.dact.steps_per_dispatch=50")
 
