@@ -343,7 +343,6 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
   return c
 
 
-
 def smoke_settings(c: ml_collections.ConfigDict) -> None:
   """The "smoke" preset: every stage of the method runs once, a few steps or one epoch each,
   on the cpu preset's models. It checks an installation end to end (the accelerator suite

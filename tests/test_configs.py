@@ -22,11 +22,14 @@ def _load(path: Path, preset: str):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
-  for preset in ("", "cpu"):
+  for preset in ("", "cpu", "smoke"):
     config = _load(path, preset)
     check_config(config)
     # the same command and seed give the same numbers on a busy or an idle machine
     assert config.grm.max_train_minutes == 0 and config.continual.retrain_max_minutes == 0
+  smoke, cpu = _load(path, "smoke"), _load(path, "cpu")  # the cpu models, a few steps each
+  assert (smoke.grm.d_model, smoke.sasrec.hidden_dim) == (cpu.grm.d_model, cpu.sasrec.hidden_dim)
+  assert (smoke.grm.epochs, smoke.sasrec.epochs, smoke.tokenizer.train_length) == (1, 1, 20)
   paper = _load(path, "")
   method = paper.method
   if method == "tiger":  # TIGER paper: 20k epochs, squared norms
