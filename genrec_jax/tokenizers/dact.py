@@ -58,12 +58,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from genrec_jax.data.batching import item_batches, stack_item_batches
+from genrec_jax.data.batching import item_batches
 from genrec_jax.tokenizers.quantizer import squared_distances, squared_error
 from genrec_jax.tokenizers.rqvae import RQVAE, info_nce
 from genrec_jax.training import loop
-from genrec_jax.training.sharding import (make_mesh, replicate, shard_item_batch,
-                                          shard_stacked_batch)
+from genrec_jax.training.sharding import make_mesh, replicate
 from genrec_jax.training.trainer import Trainer
 
 MODES = ("naive", "dact", "reformer")
@@ -404,11 +403,9 @@ def finetune_tokenizer(tokenizer: RQVAE, features: np.ndarray, cf: np.ndarray | 
 
   trainer = Trainer(modules, loss_fn, _optimizer(cfg), mesh)
 
-  def train_step(params, opt_state, batch, step):
-    if cfg.steps_per_dispatch == 1:
-      return trainer.train_step(params, opt_state, shard_item_batch(batch, mesh), None, data)
-    stacked = shard_stacked_batch(stack_item_batches(batch, cfg.steps_per_dispatch, step), mesh)
-    return trainer.train_steps(params, opt_state, stacked, jax.random.key(0), data)  # no dropout
+  def train_step(params, opt_state, batch, step):  # the losses draw no random numbers
+    return trainer.item_update(params, opt_state, batch, step, None, data,
+                               cfg.steps_per_dispatch)
 
   params, stats = loop.fit_steps(
       name=f"dact:{mode}", params=trainer.init_params,

@@ -24,14 +24,13 @@ import optax
 from absl import logging
 from flax import nnx
 
-from genrec_jax.data.batching import item_batches, stack_item_batches
+from genrec_jax.data.batching import item_batches
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, collision_rate,
                                                one_to_one_table)
 from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig, RQVAEOutput, rqvae_losses
 from genrec_jax.training import loop
-from genrec_jax.training.sharding import (make_mesh, replicate, shard_item_batch,
-                                          shard_stacked_batch)
+from genrec_jax.training.sharding import make_mesh, replicate
 from genrec_jax.training.trainer import MODEL_GROUP, Trainer
 
 UNITS = ("steps", "epochs")
@@ -169,12 +168,8 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
     return i in cfg.kmeans_refresh_steps or (regularizer is not None and i % refresh_every == 0)
 
   def train_step(params, opt_state, batch, i):
-    if cfg.steps_per_dispatch == 1:
-      return trainer.train_step(params, opt_state, shard_item_batch(batch, mesh),
-                                jax.random.fold_in(key, STEP_KEY_OFFSET + i), context)
-    stacked = stack_item_batches(batch, cfg.steps_per_dispatch, STEP_KEY_OFFSET + i)
-    return trainer.train_steps(params, opt_state, shard_stacked_batch(stacked, mesh), key,
-                               context)
+    return trainer.item_update(params, opt_state, batch, STEP_KEY_OFFSET + i, key, context,
+                               cfg.steps_per_dispatch)
 
   def collision(params):
     return {"collision_rate": collision_rate(encode_items(trainer.merge(params), features))}
