@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field of a run, with the TIGER/DACT paper settings as defaults."""
   c = ml_collections.ConfigDict()
   c.method = "tiger"  # "tiger" | "letter" | "sasrec" | "continual" (DACT + baselines) |
-  #   "etegrec".
+  #   "etegrec" | "unigrec".
   c.seed = 0  # Seeds every random choice (init, batch order, dropout): same seed, same numbers.
   c.cpu_devices = 1  # XLA devices the host CPU is split into, one thread each, the batch split
   #   over them (`training.sharding.use_cpu_devices`, applied by `genrec_jax.main`): 1 = one
@@ -89,6 +89,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.kmeans_iterations = 50  # Lloyd iterations of the per-level k-means init.
   c.tokenizer.kmeans_refresh_steps = ()  # Training steps at which the k-means init is fitted
   #   again to the moved encoder (keeps level-1 codes alive; probes in experiments/).
+  c.tokenizer.soft = False  # Soft quantizer (UniGRec): codes p_l E_l with p_l =
+  #   softmax(-||v_l - e||^2 / T), residuals from the soft codes, no VQ / commitment loss.
+  c.tokenizer.temperature_start = 1.0  # T at the first training unit (soft tokenizer) ...
+  c.tokenizer.temperature_end = 1.0  # ... annealed linearly per unit towards this (UniGRec:
+  #   0.01 -> 0.001 over the pretraining epochs); identifiers are encoded at the last unit's T.
+  c.tokenizer.uniformity_weight = 0.0  # UniGRec codeword uniformity (negative entropy of the
+  #   batch's average code assignment per level; 1e-4).
+  c.tokenizer.uniformity_reduction = "sum"  # Over levels: "sum" (paper) | "mean" (UniGRec code).
+  c.tokenizer.warmup_units = 0  # Units of linear learning-rate warm-up (UniGRec code: 50 epochs).
+  c.tokenizer.linear_decay = False  # After warm-up: constant, or linear decay to 0 (UniGRec).
+  c.tokenizer.grad_clip = 0.0  # Global gradient-norm clipping (0 = none; UniGRec code: 1.0).
 
   c.grm = ml_collections.ConfigDict()
   c.grm.d_model = 128  # T5 model width.
@@ -192,6 +203,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.etegrec.finetune_epochs = 100  # Second stage (tokenizer frozen): epoch budget (0 = none).
   c.etegrec.finetune_lr = 5e-4  # Second stage: AdamW, cosine, no warm-up.
   c.etegrec.finetune_patience = 10  # Second stage: validation every epoch.
+
+  c.unigrec = ml_collections.ConfigDict()  # Used by method "unigrec" (METHODS.md section 7).
+  c.unigrec.recon_weight = 0.5  # Tokenizer reconstruction in the joint loss (official code).
+  c.unigrec.token_weight = 0.01  # Token-level distillation: symmetric KL of code distributions.
+  c.unigrec.representation_weight = 0.1  # Representation-level distillation: InfoNCE.
+  c.unigrec.distill_temperature = 0.07  # InfoNCE temperature.
+  c.unigrec.distill_logit_sign = "distance"  # Code distributions of the token-level KL:
+  #   softmax(-d) "distance" (the tokenizer's own form) | softmax(+d) "code" (official code).
+  c.unigrec.distill_level_reduction = "mean"  # KL over levels: "mean" (official) | "sum".
+  c.unigrec.warmup_epochs = 10  # Joint epochs before the distillation losses switch on.
+  c.unigrec.joint_temperature_end = 0.0  # 0: the joint stage keeps the pretraining's last
+  #   temperature (official code); > 0: it anneals on, linearly from there to this value over
+  #   the joint epochs.
+  c.unigrec.epochs = 200  # Joint-stage epoch budget.
+  c.unigrec.eval_every = 1  # Epochs between validations of the joint stage.
+  c.unigrec.patience = 15  # Evaluations without improvement before the joint stage stops.
+  c.unigrec.recommender_lr = 5e-3  # AdamW (T5 and the distillation adapters).
+  c.unigrec.tokenizer_lr = 2e-7  # AdamW (the soft tokenizer; official code).
+  c.unigrec.warmup_fraction = 0.1  # Linear warm-up over this fraction of the epoch budget's
+  #   updates, then constant (official `constant_with_warmup`), both optimizers.
+  c.unigrec.weight_decay = 0.05  # Both optimizers (and the second stage).
+  c.unigrec.grad_clip = 1.0  # Gradient-norm clipping of each group's update.
+  c.unigrec.finetune_epochs = 100  # Second stage (tokenizer frozen, no distillation): budget.
+  c.unigrec.finetune_lr = 4e-4  # Second stage: AdamW, constant.
+  c.unigrec.finetune_patience = 10  # Second stage: validation every epoch.
   return c
 
 
@@ -199,7 +235,7 @@ class ConfigError(ValueError):
   """A config field that makes no sense; the message names the field and the fix."""
 
 
-METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec")  # methods.REGISTRY
+METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec", "unigrec")  # methods.REGISTRY
 CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
 CHOICES = {
     "method": METHOD_NAMES,
@@ -215,6 +251,9 @@ CHOICES = {
     "grm.matmul_dtype": ("float32", "bfloat16"),
     "etegrec.sia_logit_sign": ("distance", "code"),
     "etegrec.sia_level_reduction": ("sum", "mean"),
+    "tokenizer.uniformity_reduction": ("sum", "mean"),
+    "unigrec.distill_logit_sign": ("distance", "code"),
+    "unigrec.distill_level_reduction": ("sum", "mean"),
 }
 POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs",
             "sasrec.batch_size", "sasrec.max_len", "sasrec.steps_per_dispatch",
@@ -224,7 +263,7 @@ POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epoc
             "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "grm.steps_per_dispatch",
             "continual.dact.steps", "continual.dact.batch_size",
             "continual.dact.steps_per_dispatch", "continual.min_test_history", "etegrec.cycle",
-            "etegrec.epochs", "etegrec.eval_every")
+            "etegrec.epochs", "etegrec.eval_every", "unigrec.epochs", "unigrec.eval_every")
 
 
 SHARDED_BATCHES = ("sasrec.batch_size", "tokenizer.batch_size", "grm.batch_size",
@@ -286,6 +325,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"etegrec.sia_weight, psa_weight and finetune_epochs must be >= 0 "
                       f"(0 = the ablation without it / no second stage), got {e.sia_weight}, "
                       f"{e.psa_weight}, {e.finetune_epochs}")
+  u = config.unigrec
+  if config.method == "unigrec":
+    weights = (u.recon_weight, u.token_weight, u.representation_weight, u.finetune_epochs,
+               u.joint_temperature_end)
+    if min(weights) < 0:
+      raise ConfigError(f"unigrec.recon_weight, token_weight, representation_weight, "
+                        f"finetune_epochs and joint_temperature_end must be >= 0 (0 = off), got "
+                        f"{weights}")
+    if not 0 <= u.warmup_fraction < 1:
+      raise ConfigError(f"unigrec.warmup_fraction={u.warmup_fraction} must lie in [0, 1)")
+  tok = config.tokenizer
+  if min(tok.temperature_start, tok.temperature_end) <= 0:
+    raise ConfigError(f"tokenizer.temperature_start / temperature_end must be > 0, got "
+                      f"{tok.temperature_start}, {tok.temperature_end}")
+  if not 0 <= tok.warmup_units < tok.train_length:
+    raise ConfigError(f"tokenizer.warmup_units={tok.warmup_units} must lie in [0, "
+                      f"tokenizer.train_length={tok.train_length})")
   unknown = set(config.continual.methods) - set(CONTINUAL_METHODS)
   if config.method == "continual" and unknown:
     raise ConfigError(f"continual.methods has unknown {sorted(unknown)}; choose from "
@@ -354,6 +410,8 @@ def smoke_settings(c: ml_collections.ConfigDict) -> None:
                      retrain_epochs=1)
   c.continual.dact.update(steps=10, log_every=5)
   c.etegrec.update(epochs=2, align_warmup_epochs=1, finetune_epochs=1, eval_every=1)
+  c.unigrec.update(epochs=2, warmup_epochs=1, finetune_epochs=1, eval_every=1)
+  c.tokenizer.warmup_units = 0
 
 
 def tiger_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
@@ -459,9 +517,55 @@ def etegrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   c.etegrec.finetune_epochs = 1  # of 2 in the first run, the best was 1
 
 
+def unigrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """UniGRec (the official Beauty script; METHODS.md section 7): item text vectors (MiniLM here,
+  sentence-T5 in the official code) -> soft RQ-VAE (512-256-128-64 -> 32, 3 x 256 codes,
+  pretrained 3,000 epochs, AdamW 1e-3 with 50 warm-up epochs and linear decay, clipping 1.0,
+  T annealed 0.01 -> 0.001, uniformity 1e-4) -> joint stage with a T5 of 6+6 layers,
+  d_model 128, d_ff 512, 4 heads of 64, dropout 0.1, batch 512, histories of 20, a 256-d
+  SASRec teacher (`unigrec` fields: weights and schedule) -> second stage; beam 30,
+  unconstrained (the paper's protocol), results.json also holds the trie-constrained search.
+
+  "cpu" (within 20 minutes on 2 cores): `apply_preset`'s small T5, a 64-d SASRec teacher
+  (lr 5e-3, 4 epochs), 90 tokenizer epochs (about 1,000 steps) annealed 0.01 -> 0.001 with 5
+  warm-up epochs, a joint stage of 3 epochs (distillation from the second) and 1 second-stage
+  epoch.
+  """
+  c.tokenizer.soft = True
+  c.tokenizer.loss_reduction = "mean"  # F.mse_loss
+  c.tokenizer.detach_residual = False  # the official code's hard residual chain (distillation)
+  c.tokenizer.temperature_start = 0.01
+  c.tokenizer.temperature_end = 0.001
+  c.tokenizer.uniformity_weight = 1e-4
+  c.tokenizer.train_unit = "epochs"
+  c.tokenizer.train_length = 3000
+  c.tokenizer.warmup_units = 50
+  c.tokenizer.linear_decay = True
+  c.tokenizer.grad_clip = 1.0
+  c.grm.beam_size = 30
+  c.grm.constrained = False
+  if not cpu:
+    c.sasrec.hidden_dim = 256
+    c.grm.num_encoder_layers = 6
+    c.grm.num_decoder_layers = 6
+    c.grm.d_ff = 512
+    c.grm.num_heads = 4
+    c.grm.batch_size = 512
+    return
+  c.sasrec.hidden_dim = 64
+  c.sasrec.learning_rate = 5e-3
+  c.tokenizer.train_length = 90
+  c.tokenizer.warmup_units = 5
+  c.tokenizer.eval_every = 10
+  c.unigrec.epochs = 3
+  c.unigrec.warmup_epochs = 1
+  c.unigrec.eval_every = 1
+  c.unigrec.finetune_epochs = 1
+
+
 METHOD_SETTINGS = {"tiger": tiger_settings, "letter": letter_settings,
                    "sasrec": sasrec_settings, "continual": continual_settings,
-                   "etegrec": etegrec_settings}
+                   "etegrec": etegrec_settings, "unigrec": unigrec_settings}
 
 
 def method_config(method: str, dataset: str, preset: str = "") -> ml_collections.ConfigDict:

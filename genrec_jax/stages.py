@@ -33,7 +33,8 @@ from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer
 from genrec_jax.training.sharding import make_mesh
 from genrec_jax.training.tokenizer import (TokenizerRegularizer, TokenizerTrainConfig,
-                                           assign_identifiers, train_tokenizer)
+                                           assign_identifiers, final_temperature,
+                                           train_tokenizer)
 
 
 class Timer:
@@ -212,7 +213,8 @@ def rqvae_config(config, input_dim: int) -> RQVAEConfig:
       num_levels=tok.num_levels, codebook_size=tok.codebook_size, beta=tok.beta,
       loss_reduction=tok.loss_reduction, detach_residual=tok.detach_residual,
       cf_weight=tok.cf_weight, cf_temperature=tok.cf_temperature,
-      cf_similarity=tok.cf_similarity, sinkhorn_epsilon=tok.sinkhorn_epsilon)
+      cf_similarity=tok.cf_similarity, sinkhorn_epsilon=tok.sinkhorn_epsilon, soft=tok.soft,
+      uniformity_weight=tok.uniformity_weight, uniformity_reduction=tok.uniformity_reduction)
 
 
 def tokenizer_train_config(config) -> TokenizerTrainConfig:
@@ -222,7 +224,9 @@ def tokenizer_train_config(config) -> TokenizerTrainConfig:
       learning_rate=tok.learning_rate, weight_decay=tok.weight_decay,
       kmeans_iterations=tok.kmeans_iterations,
       kmeans_refresh_steps=tuple(tok.kmeans_refresh_steps), selection=tok.selection,
-      eval_every=tok.eval_every, steps_per_dispatch=tok.steps_per_dispatch)
+      eval_every=tok.eval_every, steps_per_dispatch=tok.steps_per_dispatch,
+      temperature_start=tok.temperature_start, temperature_end=tok.temperature_end,
+      warmup_units=tok.warmup_units, linear_decay=tok.linear_decay, grad_clip=tok.grad_clip)
 
 
 def item_features(config, item_ids: np.ndarray, cf: np.ndarray | None) -> np.ndarray:
@@ -255,7 +259,8 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
   def run():
     model, train_stats = train_tokenizer(model_cfg, tokenizer_train_config(config), features, cf,
                                          seed=config.seed, regularizer=regularizer)
-    table, stats = assign_identifiers(model, features, tok.dedup_size)
+    table, stats = assign_identifiers(model, features, tok.dedup_size,
+                                      final_temperature(tokenizer_train_config(config)))
     return ({"tokenizer": nnx.state(model),
              "code_table": {"codes": table.codes, "item": table.item}},
             {**stats, **train_stats})
@@ -266,9 +271,10 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
                               "item": np.zeros((n,), np.int32)}}
   items, stats = restore_or_run(os.path.join(workdir, "checkpoints", "tokenizer"), templates,
                                 run)
-  table = IdentifierTable(np.asarray(items["code_table"]["codes"]),
-                          np.asarray(items["code_table"]["item"]),
-                          (tok.codebook_size,) * tok.num_levels + (tok.dedup_size,))
+  codes = np.asarray(items["code_table"]["codes"])
+  dedup_size = max(tok.dedup_size, int(codes[:, -1].max()) + 1)  # grown by assign_identifiers
+  table = IdentifierTable(codes, np.asarray(items["code_table"]["item"]),
+                          (tok.codebook_size,) * tok.num_levels + (dedup_size,))
   nnx.update(model, items["tokenizer"])
   return table, stats, model
 

@@ -14,13 +14,14 @@ from flax import nnx
 from genrec_jax import methods
 from genrec_jax.config import ConfigError
 from genrec_jax.methods.etegrec import (AlignmentConfig, ETEGRec, Recommender, etegrec_loss,
-                                        first_occurrence, level_log_probs, psa_loss,
-                                        refresh_identifiers, semantic_quantization_loss,
-                                        sia_loss)
+                                        semantic_quantization_loss)
 from genrec_jax.recommenders.t5 import T5Config
-from genrec_jax.tokenizers.identifiers import assign_dedup
+from genrec_jax.tokenizers.identifiers import assign_dedup, refresh_identifiers
 from genrec_jax.tokenizers.quantizer import ResidualQuantizer
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig
+from genrec_jax.training.alignment import (first_occurrence, level_log_probs,
+                                          symmetric_info_nce as psa_loss,
+                                          symmetric_kl as sia_loss)
 from genrec_jax.training.sharding import make_mesh
 from genrec_jax.training.trainer import Trainer
 from tests.conftest import interrupt_then_resume, tiny_config
@@ -53,7 +54,7 @@ def test_sia_is_the_symmetric_kl_over_levels_averaged_over_masked_rows(level_red
   got = sia_loss(jnp.asarray(log_t), jnp.asarray(log_s), jnp.asarray(mask), level_reduction)
   np.testing.assert_allclose(got, np.mean(per_row), rtol=1e-5)
   assert float(sia_loss(jnp.asarray(log_t), jnp.asarray(log_t), jnp.asarray(mask))) == 0.0
-  with pytest.raises(ValueError, match="sia_level_reduction"):
+  with pytest.raises(ValueError, match="level_reduction"):
     sia_loss(jnp.asarray(log_t), jnp.asarray(log_s), jnp.asarray(mask), "max")
 
 
@@ -90,7 +91,7 @@ def test_level_log_probs_follow_the_hard_residual_with_either_sign():
   # The residual entering level 2 carries no gradient: only level 1 reaches the latents.
   level2 = jax.grad(lambda v: level_log_probs(rq, v)[:, 1].sum())(jnp.asarray(x))
   assert not np.asarray(level2).any()
-  with pytest.raises(ValueError, match="sia_logit_sign"):
+  with pytest.raises(ValueError, match="logit_sign"):
     level_log_probs(rq, jnp.asarray(x), "plus")
 
 

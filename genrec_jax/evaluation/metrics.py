@@ -11,12 +11,17 @@ import numpy as np
 DEFAULT_KS = (5, 10, 20)
 
 
+MISSING_RANK = np.iinfo(np.int64).max  # the rank of a target absent from its ranked list
+
+
 def target_ranks(ranked_items: np.ndarray, targets: np.ndarray) -> np.ndarray:
-  """1-based rank of each target in ranked_items [N, R] (targets [N]); R + 1 if absent."""
+  """1-based rank int64 [N] of each target in ranked_items [N, R] (targets [N]);
+  `MISSING_RANK` if absent, beyond every cutoff (a list shorter than a cutoff K, beam 10
+  against @20, counts its misses as misses)."""
   ranked_items = np.asarray(ranked_items)
   hits = ranked_items == np.asarray(targets)[:, None]
   found = hits.any(axis=1)
-  return np.where(found, hits.argmax(axis=1) + 1, ranked_items.shape[1] + 1)
+  return np.where(found, hits.argmax(axis=1) + 1, MISSING_RANK).astype(np.int64)
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:

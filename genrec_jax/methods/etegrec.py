@@ -60,94 +60,25 @@ from absl import logging
 from flax import nnx
 
 from genrec_jax import stages
-from genrec_jax.data.batching import bucketed_batches, sample_batches
+from genrec_jax.data.batching import bucketed_batches
 from genrec_jax.data.splits import subsample
 from genrec_jax.recommenders.t5 import T5, T5Config
-from genrec_jax.tokenizers.identifiers import (IdentifierTable, assign_dedup, collision_rate,
+from genrec_jax.tokenizers.identifiers import (IdentifierTable, Identifiers, refresh_identifiers,
                                                write_identifiers_csv)
-from genrec_jax.tokenizers.quantizer import ResidualQuantizer
 from genrec_jax.tokenizers.rqvae import RQVAE
 from genrec_jax.training import loop
+from genrec_jax.training.alignment import (first_occurrence, level_log_probs, masked_mean,
+                                          symmetric_info_nce, symmetric_kl)
 from genrec_jax.training.grm import (GRMTrainer, identifier_inputs, identifier_nll,
                                      target_tokens, weighted_mean)
 from genrec_jax.training.optim import make_optimizer
-from genrec_jax.training.sharding import replicate, shard_batch
+from genrec_jax.training.sharding import replicate, sharded_training_batches
 from genrec_jax.training.tokenizer import encode_items
 from genrec_jax.training.trainer import Trainer
-
-LOGIT_SIGNS = ("distance", "code")
-LEVEL_REDUCTIONS = ("sum", "mean")
-
-
-def first_occurrence(items: jax.Array) -> jax.Array:
-  """bool [B]: True at the first row of each distinct item of items int [B] (-1 = filler
-  rows, never True). O(B^2) comparisons, fine for batches of a few thousand."""
-  same = items[:, None] == items[None, :]
-  earlier = jnp.tril(same, k=-1).any(axis=1)
-  return ~earlier & (items >= 0)
-
-
-def level_log_probs(quantizer: ResidualQuantizer, latents: jax.Array,
-                    logit_sign: str = "distance") -> jax.Array:
-  """Per-level code log-distributions [B, L, K] of latents [B, d] through the residual
-  quantizer: log softmax(-||r_l - e||^2) ("distance", the paper) or log softmax(+||r_l - e||^2)
-  ("code", the official code's sign)."""
-  if logit_sign not in LOGIT_SIGNS:
-    raise ValueError(f"etegrec.sia_logit_sign must be one of {LOGIT_SIGNS}, got {logit_sign!r}")
-  return quantizer(latents, temperature=1.0 if logit_sign == "distance" else -1.0).log_probs
-
-
-def sia_loss(target_log_probs: jax.Array, sequence_log_probs: jax.Array, mask: jax.Array,
-             level_reduction: str = "sum") -> jax.Array:
-  """Symmetric KL between code distributions, averaged over the masked rows.
-
-  target_log_probs, sequence_log_probs: [B, L, K] log-distributions (`level_log_probs` of the
-  target's CF embedding through the tokenizer, and of z_E); mask: bool [B]. Per row,
-  sum over levels (or mean, `level_reduction="mean"`) of KL(p_t || p_s) + KL(p_s || p_t).
-  Gradients reach both sides (neither is a fixed target). Returns a scalar (0 with no rows).
-  """
-  if level_reduction not in LEVEL_REDUCTIONS:
-    raise ValueError(f"etegrec.sia_level_reduction must be one of {LEVEL_REDUCTIONS}, got "
-                     f"{level_reduction!r}")
-  p_t, p_s = jnp.exp(target_log_probs), jnp.exp(sequence_log_probs)
-  difference = target_log_probs - sequence_log_probs
-  symmetric = jnp.sum((p_t - p_s) * difference, axis=-1)  # KL(t||s) + KL(s||t), [B, L]
-  per_row = symmetric.sum(-1) if level_reduction == "sum" else symmetric.mean(-1)
-  weight = mask.astype(per_row.dtype)
-  return jnp.sum(per_row * weight) / jnp.maximum(weight.sum(), 1.0)
-
-
-def psa_loss(reconstruction: jax.Array, preference: jax.Array, mask: jax.Array,
-             temperature: float = 0.07) -> jax.Array:
-  """Symmetric InfoNCE between reconstructions [B, D] and preferences [B, D] over masked rows.
-
-  Row i's positive is row i of the other side; its negatives are the other masked rows. With
-  s = cosine similarity / temperature: -mean_i log softmax_j(s(z_i, h_j))[i] - mean_i log
-  softmax_j(s(h_i, z_j))[i], i and j over the masked rows. Returns a scalar (0 with no rows).
-  """
-  def normalise(x):
-    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
-
-  logits = normalise(reconstruction) @ normalise(preference).T / temperature  # [B, B]
-  keep = mask[:, None] & mask[None, :]
-  logits = jnp.where(keep, logits, -jnp.inf)
-  count = jnp.maximum(mask.sum(), 1)
-
-  def direction(scores):
-    log_probs = jax.nn.log_softmax(jnp.where(mask[:, None], scores, 0.0), axis=-1)
-    return -jnp.sum(jnp.where(mask, jnp.diagonal(log_probs), 0.0)) / count
-
-  return direction(logits) + direction(logits.T)
-
 
 # --- The joint model -------------------------------------------------------------------------
 
 TOKENIZER, RECOMMENDER, IDENTIFIERS = "tokenizer", "recommender", "identifiers"
-
-
-class Identifiers(nnx.Variable):
-  """An identifier map kept in a model's state: int32 [num_items, D] GRM tokens per item. Not a
-  parameter: no optimizer updates it; the method replaces it between epochs."""
 
 
 class Recommender(nnx.Module):
@@ -182,12 +113,6 @@ class AlignmentConfig:
   level_reduction: str = "sum"  # SIA over levels: "sum" (paper) | "mean" (official code)
   rec_reduction: str = "mean"  # L_REC over target tokens (`identifier_nll`)
   level_sizes: tuple[int, ...] = ()  # one softmax per identifier position (per-level tables)
-
-
-def masked_mean(states: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean over the real positions: states [B, T, d], mask bool [B, T] -> [B, d]."""
-  weight = mask.astype(states.dtype)[..., None]
-  return jnp.sum(states * weight, axis=1) / jnp.maximum(weight.sum(axis=1), 1.0)
 
 
 def semantic_quantization_loss(x: jax.Array, output, beta: float) -> jax.Array:
@@ -227,42 +152,14 @@ def etegrec_loss(model: ETEGRec, batch: dict, key: jax.Array | None, context: di
                      rows.astype(jnp.float32))
   quantizer = model.tokenizer.quantizer
   sequence = model.recommender.encoder_adapter(masked_mean(encoded, mask))  # z_E
-  sia = sia_loss(level_log_probs(quantizer, out.latent, cfg.logit_sign),
-                 level_log_probs(quantizer, sequence, cfg.logit_sign), rows, cfg.level_reduction)
+  sia = symmetric_kl(level_log_probs(quantizer, out.latent, cfg.logit_sign),
+                     level_log_probs(quantizer, sequence, cfg.logit_sign), rows,
+                     cfg.level_reduction)
   preference = model.recommender.decoder_adapter(states[:, 0])  # h_D
-  psa = psa_loss(out.reconstruction, preference, rows, cfg.temperature)
+  psa = symmetric_info_nce(out.reconstruction, preference, rows, cfg.temperature)
   align = jnp.max(batch["align"])
   total = rec + sq + align * (cfg.sia_weight * sia + cfg.psa_weight * psa)
   return total, {"rec": rec, "sq": sq, "sia": sia, "psa": psa}
-
-
-def refresh_identifiers(codes: np.ndarray, previous: np.ndarray, dedup_size: int
-                        ) -> tuple[np.ndarray, dict]:
-  """Identifiers int32 [N, L + 1] of new codes int [N, L] after previous identifiers
-  [N, L + 1]: an item whose codes did not change keeps its dedup digit; the others take the
-  smallest free digits of their code group (`assign_dedup`). Returns them with the cycle's
-  statistics: code_change (items whose codes changed), identifier_change, collision_rate
-  (before the dedup digit), max_dedup_digit and refresh_skipped.
-
-  When more items share one code sequence than the dedup vocabulary holds, the previous
-  identifiers are kept for this cycle (refresh_skipped = 1, with a warning) instead of stopping
-  the run: the vocabulary is fixed when the model is built (the official code crashes here).
-  """
-  unchanged = np.all(codes == previous[:, :-1], axis=1)
-  stats = {"code_change": float(1.0 - unchanged.mean()),
-           "collision_rate": collision_rate(codes)}
-  largest = int(np.unique(codes, axis=0, return_counts=True)[1].max())
-  if largest > dedup_size:
-    logging.warning("[etegrec] %d items share one code sequence, more than the dedup "
-                    "vocabulary (%d): identifiers kept from the previous cycle; a larger "
-                    "tokenizer.dedup_size avoids this", largest, dedup_size)
-    return previous, {**stats, "identifier_change": 0.0,
-                      "max_dedup_digit": int(previous[:, -1].max()), "refresh_skipped": 1}
-  identifiers = assign_dedup(codes, dedup_size,
-                             preferred=np.where(unchanged, previous[:, -1], -1))
-  stats.update(identifier_change=float(np.any(identifiers != previous, axis=1).mean()),
-               max_dedup_digit=int(identifiers[:, -1].max()), refresh_skipped=0)
-  return identifiers, stats
 
 
 def phase_groups(epoch: int, cycle: int, alternate: bool) -> tuple[str, ...]:
@@ -374,13 +271,11 @@ class JointStage:
     return params, stats
 
   def epoch_batches(self, epoch: int):
-    align = np.float32(epoch >= self.settings.align_warmup_epochs)
     cfg = self.grm_cfg
-    for batch, idx in sample_batches(self.split.train, cfg.batch_size, cfg.length_buckets,
-                                     seed=self.config.seed, epoch=epoch,
-                                     grouping=cfg.batch_grouping):
-      batch["align"] = np.full(batch["weight"].shape, align, np.float32)
-      yield shard_batch(batch, self.mesh), int((idx >= 0).sum())
+    return sharded_training_batches(
+        self.split.train, cfg.batch_size, cfg.length_buckets, self.mesh, seed=self.config.seed,
+        epoch=epoch, grouping=cfg.batch_grouping, steps_per_dispatch=cfg.steps_per_dispatch,
+        constants={"align": float(epoch >= self.settings.align_warmup_epochs)})
 
   def evaluate(self, params, samples, constrained: bool | None = None) -> dict:
     return self.finetune.evaluate(self.recommender_params(params), self.table(params),

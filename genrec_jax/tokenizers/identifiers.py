@@ -16,6 +16,8 @@ import os
 import tempfile
 
 import numpy as np
+from absl import logging
+from flax import nnx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,43 @@ def collision_rate(codes: np.ndarray) -> float:
   """Fraction of items whose L codes (before dedup) are shared with another item."""
   _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
   return float((counts[inverse.reshape(-1)] > 1).mean())
+
+
+def refresh_identifiers(codes: np.ndarray, previous: np.ndarray, dedup_size: int
+                        ) -> tuple[np.ndarray, dict]:
+  """Identifiers int32 [N, L + 1] of new codes int [N, L] after previous identifiers
+  [N, L + 1]: an item whose codes did not change keeps its dedup digit; the others take the
+  smallest free digits of their code group (`assign_dedup`). Returns them with the cycle's
+  statistics: code_change (items whose codes changed), identifier_change, collision_rate
+  (before the dedup digit), max_dedup_digit and refresh_skipped.
+
+  When more items share one code sequence than the dedup vocabulary holds, the previous
+  identifiers are kept for this cycle (refresh_skipped = 1, with a warning) instead of stopping
+  the run: the vocabulary is fixed when the model is built (the ETEGRec and UniGRec official code
+  crash here).
+  """
+  unchanged = np.all(codes == previous[:, :-1], axis=1)
+  stats = {"code_change": float(1.0 - unchanged.mean()),
+           "collision_rate": collision_rate(codes)}
+  largest = int(np.unique(codes, axis=0, return_counts=True)[1].max())
+  if largest > dedup_size:
+    logging.warning("[identifiers] %d items share one code sequence, more than the dedup "
+                    "vocabulary (%d): identifiers kept from the previous cycle; a larger "
+                    "tokenizer.dedup_size avoids this", largest, dedup_size)
+    return previous, {**stats, "identifier_change": 0.0,
+                      "max_dedup_digit": int(previous[:, -1].max()), "refresh_skipped": 1}
+  identifiers = assign_dedup(codes, dedup_size,
+                             preferred=np.where(unchanged, previous[:, -1], -1))
+  stats.update(identifier_change=float(np.any(identifiers != previous, axis=1).mean()),
+               max_dedup_digit=int(identifiers[:, -1].max()), refresh_skipped=0)
+  return identifiers, stats
+
+
+class Identifiers(nnx.Variable):
+  """An identifier map kept in a model's state: int32 [num_items, D] GRM tokens per item. Not a
+  parameter: no optimizer updates it; a method replaces it between epochs (ETEGRec, UniGRec),
+  and since it sits in the model state it is looked up inside the compiled step and saved with
+  every checkpoint."""
 
 
 def write_identifiers_csv(path: str, table: IdentifierTable, item_ids: np.ndarray) -> None:

@@ -45,6 +45,10 @@ class RQVAEConfig:
   sinkhorn_epsilon: float = 0.0  # LETTER: 0.003, balanced last-level codes while training
   sinkhorn_iterations: int = 50
   dropout_rate: float = 0.0
+  soft: bool = False  # UniGRec: soft codes p_l E_l at a temperature, no VQ / commitment loss
+  uniformity_weight: float = 0.0  # UniGRec: weight of the codeword-usage negative entropy
+  uniformity_reduction: str = "sum"  # over levels: "sum" (the paper's per-level term) | "mean"
+  #   (the official code)
 
 
 class MLP(nnx.Module):
@@ -82,22 +86,26 @@ class RQVAE(nnx.Module):
                                        detach_residual=cfg.detach_residual, rngs=rngs)
     self.decoder = MLP(dims[::-1], rngs)
 
-  def __call__(self, x: jax.Array, *, temperature: float = 1.0, training: bool = False
-               ) -> RQVAEOutput:
+  def __call__(self, x: jax.Array, *, temperature: float | jax.Array = 1.0,
+               training: bool = False) -> RQVAEOutput:
     """Items [B, D_in] -> latent, quantizer output, reconstruction. With `training` and
     cfg.sinkhorn_epsilon > 0, the last level's codes come from balanced Sinkhorn assignment
-    over the batch (LETTER); otherwise every level uses argmin."""
+    over the batch (LETTER); otherwise every level uses argmin. A soft tokenizer (cfg.soft)
+    reconstructs from the soft codes at `temperature` (its hard codes are argmax p_l along
+    the soft residuals)."""
     latent = self.encoder(x)
     epsilons = None
     if training and self.cfg.sinkhorn_epsilon > 0:
       epsilons = (0.0,) * (self.cfg.num_levels - 1) + (self.cfg.sinkhorn_epsilon,)
-    quant = self.quantizer(latent, temperature=temperature, sinkhorn_epsilons=epsilons,
+    quant = self.quantizer(latent, temperature=temperature, soft=self.cfg.soft,
+                           sinkhorn_epsilons=epsilons,
                            sinkhorn_iterations=self.cfg.sinkhorn_iterations)
     return RQVAEOutput(latent, quant, self.decoder(quant.quantized))
 
-  def encode(self, x: jax.Array) -> jax.Array:
-    """Item vectors [B, D_in] -> codes int32 [B, L]."""
-    return self.quantizer.encode(self.encoder(x))
+  def encode(self, x: jax.Array, temperature: float | jax.Array = 1.0) -> jax.Array:
+    """Item vectors [B, D_in] -> codes int32 [B, L] (argmin; a soft tokenizer's along its soft
+    residuals at `temperature`)."""
+    return self.quantizer(self.encoder(x), temperature=temperature, soft=self.cfg.soft).codes
 
 
 def info_nce(a: jax.Array, b: jax.Array, temperature: float, similarity: str = "cosine"
@@ -112,17 +120,37 @@ def info_nce(a: jax.Array, b: jax.Array, temperature: float, similarity: str = "
   return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
 
 
+def codeword_uniformity(log_probs: jax.Array, reduction: str = "sum") -> jax.Array:
+  """UniGRec's codeword uniformity term: per level sum_k qbar_k log qbar_k, the negative entropy
+  of the batch's average assignment qbar = mean_b p_l(b) (log_probs [B, L, K]), summed over
+  levels ("sum", one term per level as the paper writes it) or averaged ("mean", the official
+  code). Minimising it spreads the batch over the codewords; its minimum is -log K per level."""
+  if reduction not in ("sum", "mean"):
+    raise ValueError(f"uniformity reduction must be 'sum' or 'mean', got {reduction!r}")
+  usage = jnp.mean(jnp.exp(log_probs), axis=0)  # [L, K]
+  per_level = jnp.sum(usage * jnp.log(usage + 1e-10), axis=-1)
+  return per_level.sum() if reduction == "sum" else per_level.mean()
+
+
 def rqvae_losses(model: RQVAE, x: jax.Array, cf: jax.Array | None = None,
-                 regularizer: Callable[[RQVAE, RQVAEOutput], tuple[jax.Array, dict]] | None = None
+                 regularizer: Callable[[RQVAE, RQVAEOutput], tuple[jax.Array, dict]] | None = None,
+                 temperature: float | jax.Array = 1.0
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total tokenizer loss and its parts for items x [B, D_in] (cf [B, d_cf] for the
   collaborative term). `regularizer(model, output) -> (weighted term, parts)` adds a method's
-  own terms (its parts are reported beside reconstruction, quantization and cf)."""
+  own terms (its parts are reported beside reconstruction, quantization and cf). A soft
+  tokenizer runs at `temperature` and has no quantization loss; its uniformity term is
+  `codeword_uniformity` of the batch."""
   cfg = model.cfg
-  out = model(x, training=True)
-  parts = {"recon": squared_error(x, out.reconstruction, cfg.loss_reduction),
-           "quant": out.quant.loss}
-  total = parts["recon"] + parts["quant"]
+  out = model(x, temperature=temperature, training=True)
+  parts = {"recon": squared_error(x, out.reconstruction, cfg.loss_reduction)}
+  total = parts["recon"]
+  if not cfg.soft:
+    parts["quant"] = out.quant.loss
+    total += parts["quant"]
+  if cfg.uniformity_weight > 0:
+    parts["uniformity"] = codeword_uniformity(out.quant.log_probs, cfg.uniformity_reduction)
+    total += cfg.uniformity_weight * parts["uniformity"]
   if cfg.cf_weight > 0:
     if cf is None:
       raise ValueError("cf_weight > 0 needs collaborative embeddings")

@@ -69,6 +69,20 @@ def identifier_inputs(history: jax.Array, item_tokens: jax.Array) -> jax.Array:
   return tokens.reshape(history.shape[0], -1)
 
 
+def soft_identifier_inputs(model: T5, probs: jax.Array, history: jax.Array,
+                           offsets: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Encoder input vectors of soft identifiers (UniGRec): probs [B, H, L, K] are the L code
+  distributions of each history item (history int [B, H], -1 = padding); item h becomes L
+  positions, level l's vector probs[b, h, l] @ the K token rows from offsets[l]
+  (`T5.soft_embeddings`; a one-hot distribution gives exactly that token's embedding).
+  Returns (vectors [B, H * L, d_model], zero at padding, and mask bool [B, H * L])."""
+  b, h, levels, _ = probs.shape
+  vectors = jnp.stack([model.soft_embeddings(probs[:, :, level], offsets[level])
+                       for level in range(levels)], axis=2)  # [B, H, L, d_model]
+  mask = jnp.repeat(history >= 0, levels, axis=1)
+  return vectors.reshape(b, h * levels, -1) * mask[..., None], mask
+
+
 def chosen_identifiers(token_sets: jax.Array, count: jax.Array, items: jax.Array,
                        choice: jax.Array) -> jax.Array:
   """Tokens int32 [..., D] of the identifier each example picks for its item, for items that
@@ -141,6 +155,73 @@ def grm_loss(model: T5, batch: dict, key: jax.Array | None, context: dict,
   return weighted_mean(nll, batch["weight"]), {}
 
 
+def beam_rank(model: T5, encoded: jax.Array, mask: jax.Array, trie: Trie, *, offsets,
+              level_sizes, beam_size, constrained, level_softmax) -> tuple[jax.Array, jax.Array]:
+  """Beam search of the T5 decoder over encoder states [B, T, d_model] (mask bool [B, T]),
+  whatever the encoder read (identifier tokens, soft identifiers): (items int32 [B, beam],
+  scores [B, beam]), each item at most once (`distinct_items`). Traced inside a caller's jit."""
+  memory = model.decoder_memory(encoded)  # once per user, shared by beams and steps
+
+  def step_fn(last_tokens, cache):
+    logits, cache = model.decode_step(memory, mask, last_tokens, cache)
+    return jax.nn.log_softmax(logits, axis=-1), cache
+
+  items, _, scores = beam_search(step_fn, model.init_cache(encoded.shape[0]), encoded.shape[0],
+                                 trie, offsets, level_sizes, beam_size,
+                                 constrained=constrained, level_softmax=level_softmax)
+  return distinct_items(items, scores)  # an item with several identifiers counts once
+
+
+def ranking_options(table: IdentifierTable, cfg: GRMTrainConfig, beam_size: int | None = None,
+                    constrained: bool | None = None) -> dict:
+  """The static arguments of a compiled ranking step (`beam_rank`) for `table`: its offsets
+  and level sizes, and the beam size and constraint (default: cfg's)."""
+  return dict(offsets=tuple(int(o) for o in table.offsets),
+              level_sizes=tuple(table.level_sizes), beam_size=beam_size or cfg.beam_size,
+              constrained=cfg.constrained if constrained is None else constrained,
+              level_softmax=bool(cfg.level_softmax))
+
+
+def device_trie(table: IdentifierTable, num_items: int, mesh) -> Trie:
+  """The table's trie on every device; one trie shape per catalog size, so that every table of
+  a run reuses the compiled search."""
+  capacity = trie_capacity(table.level_sizes, max(num_items, len(table.codes)))
+  return replicate(jax.tree.map(jnp.asarray, build_trie(table, capacity)), mesh)
+
+
+def rank_samples(rank_batch, samples: SampleSet, batch_size: int,
+                 length_buckets: tuple[int, ...], beam_size: int, mesh) -> np.ndarray:
+  """Rankings int32 [S, beam_size] (-1 = none) of every sample: `rank_batch(history)` maps a
+  sharded history batch int32 [B, slots] to ranked items [B, beam_size] on the device.
+
+  One search runs at a time: the next batch is prepared on the host while the current one
+  runs, and dispatched once it has finished. Two searches in flight at once can deadlock on a
+  host split into several CPU devices (their collectives, the all-gathers of the beam
+  reordering, wait for device threads that the other search holds)."""
+  out = np.full((len(samples), beam_size), -1, np.int32)
+  running = None
+
+  def collect(idx, items):
+    out[idx[idx >= 0]] = np.asarray(jax.device_get(items))[idx >= 0]
+
+  for batch, idx in sample_batches(samples, batch_size, length_buckets):
+    history = shard_batch({"history": batch["history"]}, mesh)["history"]
+    if running is not None:
+      collect(*running)
+    running = (idx, rank_batch(history))
+  if running is not None:
+    collect(*running)
+  return out
+
+
+def beam_metrics(ranked: np.ndarray, samples: SampleSet, seconds: float) -> dict[str, float]:
+  """Recall/NDCG@{5,10,20} of rankings [S, beam] against the samples' targets, logged with the
+  evaluation speed."""
+  logging.info("[grm] evaluated %d users in %.1fs (%.0f users/s)", len(samples), seconds,
+               len(samples) / max(seconds, 1e-9))
+  return metrics_from_ranks(target_ranks(ranked, samples.target))
+
+
 class GRMTrainer:
   """Trains a T5 recommender for one identifier table and ranks items with beam search.
 
@@ -165,21 +246,10 @@ class GRMTrainer:
     self._rank = jax.jit(self._rank_batch, static_argnames=(
         "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
 
-  def _rank_batch(self, params, history, item_tokens, trie: Trie, *, offsets, level_sizes,
-                  beam_size, constrained, level_softmax):
+  def _rank_batch(self, params, history, item_tokens, trie: Trie, **static):
     model = self.trainer.merge(params)
-    inputs = identifier_inputs(history, item_tokens)
-    encoded, mask = model.encode(inputs)
-    memory = model.decoder_memory(encoded)  # once per user, shared by beams and steps
-
-    def step_fn(last_tokens, cache):
-      logits, cache = model.decode_step(memory, mask, last_tokens, cache)
-      return jax.nn.log_softmax(logits, axis=-1), cache
-
-    items, _, scores = beam_search(step_fn, model.init_cache(inputs.shape[0]), inputs.shape[0],
-                                   trie, offsets, level_sizes, beam_size,
-                                   constrained=constrained, level_softmax=level_softmax)
-    return distinct_items(items, scores)  # an item with several identifiers counts once
+    encoded, mask = model.encode(identifier_inputs(history, item_tokens))
+    return beam_rank(model, encoded, mask, trie, **static)
 
   def lower_rank(self, params, history: jax.Array, item_tokens: jax.Array, trie: Trie,
                  table: IdentifierTable, beam_size: int | None = None):
@@ -190,11 +260,7 @@ class GRMTrainer:
 
   def _rank_static(self, table: IdentifierTable, beam_size: int | None,
                    constrained: bool | None = None) -> dict:
-    """The static arguments of the compiled ranking step for `table`."""
-    return dict(offsets=tuple(int(o) for o in table.offsets),
-                level_sizes=tuple(table.level_sizes), beam_size=beam_size or self.cfg.beam_size,
-                constrained=self.cfg.constrained if constrained is None else constrained,
-                level_softmax=bool(self.cfg.level_softmax))
+    return ranking_options(table, self.cfg, beam_size, constrained)
 
   def item_tokens(self, table: IdentifierTable, num_items: int) -> jax.Array:
     """The identifier map int32 [num_items, D] on every device."""
@@ -224,20 +290,11 @@ class GRMTrainer:
     each item at most once (its best identifier's rank) when items own several identifiers.
     `constrained` overrides `cfg.constrained` (trie-constrained or free beams)."""
     static = self._rank_static(table, beam_size, constrained)
-    beam_size = static["beam_size"]
     item_tokens = self.item_tokens(table, num_items)
-    # One trie shape per catalog size: every table of a run reuses the compiled search.
-    capacity = trie_capacity(table.level_sizes, max(num_items, len(table.codes)))
-    trie = replicate(jax.tree.map(jnp.asarray, build_trie(table, capacity)), self.mesh)
-    out = np.full((len(samples), beam_size), -1, np.int32)
-    ranked = []  # fetched after the loop: the batches' searches queue up without host waits
-    for batch, idx in sample_batches(samples, self.cfg.eval_batch_size,
-                                     self.cfg.length_buckets):
-      history = shard_batch({"history": batch["history"]}, self.mesh)["history"]
-      ranked.append((idx, self._rank(params, history, item_tokens, trie, **static)[0]))
-    for idx, items in ranked:
-      out[idx[idx >= 0]] = np.asarray(jax.device_get(items))[idx >= 0]
-    return out
+    trie = device_trie(table, num_items, self.mesh)
+    return rank_samples(
+        lambda history: self._rank(params, history, item_tokens, trie, **static)[0], samples,
+        self.cfg.eval_batch_size, self.cfg.length_buckets, static["beam_size"], self.mesh)
 
   def evaluate(self, params, table: IdentifierTable, num_items: int, samples: SampleSet,
                constrained: bool | None = None) -> dict[str, float]:
@@ -245,7 +302,4 @@ class GRMTrainer:
     (`constrained` as in `rank`)."""
     t0 = time.time()
     ranked = self.rank(params, table, num_items, samples, constrained=constrained)
-    metrics = metrics_from_ranks(target_ranks(ranked, samples.target))
-    logging.info("[grm] evaluated %d users in %.1fs (%.0f users/s)", len(samples),
-                 time.time() - t0, len(samples) / max(time.time() - t0, 1e-9))
-    return metrics
+    return beam_metrics(ranked, samples, time.time() - t0)

@@ -105,15 +105,23 @@ def shard_item_batch(idx: np.ndarray, mesh: jax.sharding.Mesh) -> dict[str, jax.
 
 def sharded_training_batches(samples, batch_size: int, boundaries: tuple[int, ...],
                              mesh: jax.sharding.Mesh, *, seed: int, epoch: int,
-                             grouping: str = "length", steps_per_dispatch: int = 1):
+                             grouping: str = "length", steps_per_dispatch: int = 1,
+                             constants: dict[str, float] | None = None):
   """An epoch's training batches on the mesh, with their numbers of real samples: one batch
   per update (`sample_batches`), or with steps_per_dispatch K > 1 stacks of K batches of one
-  bucket (`sample_dispatches`, for `Trainer.train_steps`)."""
+  bucket (`sample_dispatches`, for `Trainer.train_steps`). `constants` adds float32 fields
+  holding one value on every row (a method's per-epoch switches and temperatures: read inside
+  the step, they change between epochs without recompiling)."""
+  def with_constants(batch, idx):
+    for name, value in (constants or {}).items():
+      batch[name] = np.full(idx.shape, value, np.float32)
+    return batch
+
   if steps_per_dispatch > 1:
     for batch, idx in sample_dispatches(samples, batch_size, boundaries, steps_per_dispatch,
                                         seed=seed, epoch=epoch, grouping=grouping):
-      yield shard_stacked_batch(batch, mesh), int((idx >= 0).sum())
+      yield shard_stacked_batch(with_constants(batch, idx), mesh), int((idx >= 0).sum())
     return
   for batch, idx in sample_batches(samples, batch_size, boundaries, seed=seed, epoch=epoch,
                                    grouping=grouping):
-    yield shard_batch(batch, mesh), int((idx >= 0).sum())
+    yield shard_batch(with_constants(batch, idx), mesh), int((idx >= 0).sum())

@@ -52,6 +52,13 @@ class TokenizerTrainConfig:
     log_every: steps between progress lines.
     steps_per_dispatch: updates per compiled call (a `lax.scan` over stacked item batches; the
       same updates as one per call, for accelerators where a call costs more than a step).
+    temperature_start, temperature_end: the quantizer's temperature, annealed linearly per
+      unit (`temperature_at`): a soft tokenizer's softmax(-d / T) (UniGRec: 0.01 -> 0.001
+      over the pretraining epochs); equal values keep it constant.
+    warmup_units, linear_decay, grad_clip: the learning rate rises linearly over
+      `warmup_units` units, then stays constant or (`linear_decay`) falls linearly to 0 at the
+      end; global-norm clipping at grad_clip (0 = none). UniGRec's code: 50 epochs, linear,
+      1.0.
   """
 
   length: int = 20000
@@ -65,6 +72,11 @@ class TokenizerTrainConfig:
   eval_every: int = 2000
   log_every: int = 500
   steps_per_dispatch: int = 1  # updates per compiled call (`loop.fit_steps`)
+  temperature_start: float = 1.0
+  temperature_end: float = 1.0
+  warmup_units: int = 0
+  linear_decay: bool = False
+  grad_clip: float = 0.0
 
   def steps_per_unit(self, num_items: int) -> int:
     """Batches in one unit: 1 for steps, N // batch_size for epochs (at least 1)."""
@@ -79,9 +91,39 @@ class TokenizerTrainConfig:
     if self.length < 1 or self.batch_size < 1:
       raise ValueError(f"tokenizer.train_length and batch_size must be >= 1, got "
                        f"{self.length}, {self.batch_size}")
+    if min(self.temperature_start, self.temperature_end) <= 0:
+      raise ValueError(f"tokenizer temperatures must be > 0, got {self.temperature_start}, "
+                       f"{self.temperature_end}")
+    if not 0 <= self.warmup_units < self.length or self.grad_clip < 0:
+      raise ValueError(f"tokenizer.warmup_units must lie in [0, train_length) and grad_clip "
+                       f"be >= 0, got {self.warmup_units}, {self.grad_clip}")
     if self.selection == "min_collision" and self.eval_every < 1:
       raise ValueError(f"tokenizer.eval_every must be >= 1 with selection 'min_collision', "
                        f"got {self.eval_every}")
+
+
+def temperature_at(cfg: TokenizerTrainConfig, unit: int) -> float:
+  """The temperature of training unit `unit` (0-based): start + (end - start) * unit / length,
+  linear per unit as UniGRec's code (its last epoch runs just above the end value)."""
+  return cfg.temperature_start + (cfg.temperature_end - cfg.temperature_start) * unit / cfg.length
+
+
+def final_temperature(cfg: TokenizerTrainConfig) -> float:
+  """The temperature of the last training unit: the one the identifiers are encoded at and a
+  joint stage starts from (UniGRec)."""
+  return temperature_at(cfg, cfg.length - 1)
+
+
+def tokenizer_optimizer(cfg: TokenizerTrainConfig, per_unit: int) -> optax.GradientTransformation:
+  """AdamW at cfg.learning_rate after `warmup_units` of linear warm-up, constant or decaying
+  linearly to 0 at the last step, with optional global-norm clipping."""
+  steps, warmup = cfg.length * per_unit, cfg.warmup_units * per_unit
+  after = (optax.linear_schedule(cfg.learning_rate, 0.0, steps - warmup) if cfg.linear_decay
+           else optax.constant_schedule(cfg.learning_rate))
+  schedule = after if warmup == 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, warmup), after], [warmup])
+  adamw = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
 
 
 class TokenizerRegularizer(Protocol):
@@ -143,14 +185,16 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
     idx = batch["idx"]
     extra = None if regularizer is None else (
         lambda m, out: regularizer.loss(m, out, context["regularizer"], step_key))
-    return rqvae_losses(model, context["x"][idx], context["cf"][idx] if use_cf else None, extra)
+    return rqvae_losses(model, context["x"][idx], context["cf"][idx] if use_cf else None, extra,
+                        temperature=context["temperature"])
 
-  trainer = Trainer(model, loss_fn, optax.adamw(cfg.learning_rate,
-                                                weight_decay=cfg.weight_decay), mesh)
+  trainer = Trainer(model, loss_fn, tokenizer_optimizer(cfg, per_unit), mesh)
   context = replicate({"x": x_all, "cf": jnp.asarray(cf if use_cf else np.zeros((n, 1)),
-                                                     jnp.float32)}, mesh)
+                                                     jnp.float32),
+                       "temperature": jnp.float32(temperature_at(cfg, 0))}, mesh)
   refresh_every = (regularizer.refresh_steps if regularizer else 0) or max(
       1, n // min(cfg.batch_size, n))
+  annealed = cfg.temperature_start != cfg.temperature_end
 
   def before_step(i, params):
     if i in cfg.kmeans_refresh_steps:
@@ -162,17 +206,21 @@ def train_tokenizer(model_cfg: RQVAEConfig, cfg: TokenizerTrainConfig, features:
       params = replicate({MODEL_GROUP: nnx.state(model)}, mesh)
     if regularizer is not None and i % refresh_every == 0:
       context["regularizer"] = replicate(regularizer.context(trainer.merge(params), i), mesh)
+    if annealed and i % per_unit == 0:
+      context["temperature"] = replicate(jnp.float32(temperature_at(cfg, i // per_unit)), mesh)
     return params
 
   def refresh_at(i):
-    return i in cfg.kmeans_refresh_steps or (regularizer is not None and i % refresh_every == 0)
+    return (i in cfg.kmeans_refresh_steps or (regularizer is not None and i % refresh_every == 0)
+            or (annealed and i % per_unit == 0))
 
   def train_step(params, opt_state, batch, i):
     return trainer.item_update(params, opt_state, batch, STEP_KEY_OFFSET + i, key, context,
                                cfg.steps_per_dispatch)
 
   def collision(params):
-    return {"collision_rate": collision_rate(encode_items(trainer.merge(params), features))}
+    return {"collision_rate": collision_rate(encode_items(
+        trainer.merge(params), features, float(context["temperature"])))}
 
   select = cfg.selection == "min_collision"
   params, stats = loop.fit_steps(
@@ -191,20 +239,31 @@ STEP_KEY_OFFSET = 10_000_000  # step i's key is fold_in(key, STEP_KEY_OFFSET + i
 
 
 @nnx.jit
-def _encode(model: RQVAE, x: jax.Array) -> jax.Array:
-  return model.encode(x)
+def _encode(model: RQVAE, x: jax.Array, temperature: jax.Array) -> jax.Array:
+  return model.encode(x, temperature)
 
 
-def encode_items(model: RQVAE, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-  """Codes int32 [N, L] of every item (argmin assignment)."""
-  return np.concatenate([np.asarray(_encode(model, jnp.asarray(features[i:i + batch_size])))
+def encode_items(model: RQVAE, features: np.ndarray, temperature: float = 1.0,
+                 batch_size: int = 4096) -> np.ndarray:
+  """Codes int32 [N, L] of every item (argmin assignment; a soft tokenizer's at
+  `temperature`)."""
+  t = jnp.float32(temperature)
+  return np.concatenate([np.asarray(_encode(model, jnp.asarray(features[i:i + batch_size]), t))
                          for i in range(0, len(features), batch_size)])
 
 
-def assign_identifiers(model: RQVAE, features: np.ndarray, dedup_size: int
-                       ) -> tuple[IdentifierTable, dict]:
-  """One unique identifier per item plus diagnostics (usage, perplexity, collisions)."""
-  codes = encode_items(model, features)
+def assign_identifiers(model: RQVAE, features: np.ndarray, dedup_size: int,
+                       temperature: float = 1.0) -> tuple[IdentifierTable, dict]:
+  """One unique identifier per item plus diagnostics (usage, perplexity, collisions). When more
+  items share one code sequence than `dedup_size` digits tell apart, the dedup vocabulary grows
+  to the largest group (with a warning) instead of stopping the run."""
+  codes = encode_items(model, features, temperature)
+  largest = int(np.unique(codes, axis=0, return_counts=True)[1].max())
+  if largest > dedup_size:
+    logging.warning("[tokenizer] %d items share one code sequence, more than tokenizer."
+                    "dedup_size=%d: the dedup vocabulary grows to %d", largest, dedup_size,
+                    largest)
+    dedup_size = largest
   table = one_to_one_table(assign_dedup(codes, dedup_size), model.cfg.codebook_size, dedup_size)
   usage = code_usage(codes, model.cfg.codebook_size)
   stats = {"collision_rate": collision_rate(codes),
