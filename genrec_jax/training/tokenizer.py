@@ -270,6 +270,8 @@ def assign_identifiers(model: RQVAE, features: np.ndarray, dedup_size: int,
            "max_dedup_digit": int(table.codes[:, -1].max()),
            "code_usage": usage["usage"], "code_perplexity": usage["perplexity"],
            "duplicates": table.duplicates()}
+  if model.cfg.soft:
+    stats["temperature"] = temperature  # the soft tokenizer's, the identifiers' encoding
   logging.info("[tokenizer] identifiers: collision rate %.4f, max dedup %d, perplexity %s",
                stats["collision_rate"], stats["max_dedup_digit"],
                [round(p, 1) for p in usage["perplexity"]])
