@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from genrec_jax.config import check_config
 from genrec_jax.logs import setup_logging
 from genrec_jax.stages import item_features, load_dataset, rqvae_config, tokenizer_train_config
-from genrec_jax.training.tokenizer import assign_identifiers, train_tokenizer
+from genrec_jax.training.tokenizer import assign_identifiers, final_temperature, train_tokenizer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally `path:preset`.",
@@ -40,17 +40,21 @@ def main(argv):
     raise app.UsageError("the probe trains tokenizers without CF embeddings; use the pipeline")
   inter = load_dataset(config, "/tmp")
   features = item_features(config, inter.item_ids, None)
+  train_cfg = tokenizer_train_config(config)
   start = time.time()
   model, train_stats = train_tokenizer(rqvae_config(config, features.shape[1]),
-                                       tokenizer_train_config(config), features,
+                                       train_cfg, features,
                                        seed=config.seed)
-  _, stats = assign_identifiers(model, features, config.tokenizer.dedup_size)
+  _, stats = assign_identifiers(model, features, config.tokenizer.dedup_size,
+                                final_temperature(train_cfg))
   t = config.tokenizer
   result = {
       "label": FLAGS.label, "dataset": config.data.name, "seed": config.seed,
       "tokenizer": {k: t[k] for k in ("loss_reduction", "detach_residual", "train_length",
                                       "train_unit", "learning_rate", "batch_size",
-                                      "num_levels", "codebook_size")},
+                                      "num_levels", "codebook_size", "soft",
+                                      "temperature_start", "temperature_end",
+                                      "uniformity_weight")},
       "steps": train_stats["steps"], "seconds": round(time.time() - start, 1),
       "collision_rate": stats["collision_rate"], "max_dedup_digit": stats["max_dedup_digit"],
       "code_usage": stats["code_usage"], "code_perplexity": stats["code_perplexity"],
