@@ -9,9 +9,11 @@ WORKDIR/config.json, WORKDIR/checkpoints/<stage>.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -119,6 +121,50 @@ def item_tokenizer(config: ml_collections.ConfigDict, inter: Interactions, workd
   write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), table, inter.item_ids)
   timer.lap("tokenizer")
   return table, {**stats, "input": config.embeddings.source}, model, features
+
+
+@dataclasses.dataclass
+class JointInputs:
+  """What a stage training tokenizer and recommender together starts from (ETEGRec,
+  UniGRec): the device mesh and timer, the dataset and its split, the results so far, the
+  SASRec item embeddings `cf` [num_items, d], the pretrained tokenizer with its identifier
+  table and inputs `features` [num_items, D_in], and the validation users of model
+  selection."""
+
+  mesh: Any
+  timer: Timer
+  inter: Interactions
+  split: StaticSplit
+  results: dict
+  cf: np.ndarray
+  table: IdentifierTable
+  tokenizer: RQVAE
+  features: np.ndarray
+  selection: Any
+
+
+def selection_loop(config: ml_collections.ConfigDict, epochs: int, eval_every: int,
+                   patience: int) -> LoopConfig:
+  """An epoch loop that selects on the recommender's validation metric (`grm.select_metric`),
+  seeded with the run's seed: the joint and second stages of ETEGRec and UniGRec."""
+  return LoopConfig(epochs=epochs, eval_every=eval_every, patience=patience,
+                    select_metric=config.grm.select_metric, seed=config.seed)
+
+
+def joint_inputs(config: ml_collections.ConfigDict, workdir: str) -> JointInputs:
+  """The stages before a joint stage: data, SASRec (its test metrics become the `sasrec`
+  baseline of the results), the pretrained tokenizer (`item_tokenizer`)."""
+  mesh = start_run(config, workdir)
+  timer = Timer()
+  inter, split, results = static_data(config, workdir)
+  timer.lap("data")
+  cf, sasrec_metrics = cf_model(config, inter, mesh, workdir)
+  results["baselines"] = {"sasrec": sasrec_metrics}
+  timer.lap("sasrec")
+  table, results["tokenizer"], tokenizer, features = item_tokenizer(config, inter, workdir, cf,
+                                                                    timer)
+  return JointInputs(mesh, timer, inter, split, results, cf, table, tokenizer, features,
+                     subsample(split.valid, config.grm.valid_users, config.seed))
 
 
 def generative_recommender(config: ml_collections.ConfigDict, table: IdentifierTable,

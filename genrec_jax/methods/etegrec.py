@@ -61,12 +61,10 @@ from flax import nnx
 
 from genrec_jax import stages
 from genrec_jax.data.batching import bucketed_batches
-from genrec_jax.data.splits import subsample
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, Identifiers, refresh_identifiers,
                                                write_identifiers_csv)
 from genrec_jax.tokenizers.rqvae import RQVAE
-from genrec_jax.training import loop
 from genrec_jax.training.alignment import (first_occurrence, level_log_probs, masked_mean,
                                           symmetric_info_nce, symmetric_kl)
 from genrec_jax.training.grm import (GRMTrainer, identifier_inputs, identifier_nll,
@@ -226,16 +224,14 @@ class JointStage:
     self.finetune = GRMTrainer(model_cfg, dataclasses.replace(
         grm_cfg, learning_rate=e.finetune_lr, weight_decay=e.weight_decay, warmup_steps=0,
         grad_clip=e.grad_clip, decay_steps=max(e.finetune_epochs * steps, 1),
-        loop=loop.LoopConfig(epochs=max(e.finetune_epochs, 1), eval_every=1,
-                             patience=e.finetune_patience, select_metric=grm_cfg.loop.select_metric,
-                             seed=config.seed)), mesh, seed=config.seed)
+        loop=stages.selection_loop(config, max(e.finetune_epochs, 1), 1, e.finetune_patience)),
+        mesh, seed=config.seed)
     # w/o ETE: a fresh recommender on the final identifiers, with the joint stage's settings.
     self.retrain = GRMTrainer(model_cfg, dataclasses.replace(
         grm_cfg, learning_rate=e.recommender_lr, weight_decay=e.weight_decay,
         warmup_steps=e.recommender_warmup_steps, grad_clip=e.grad_clip,
         decay_steps=max(e.epochs * steps - e.recommender_warmup_steps, 1),
-        loop=loop.LoopConfig(epochs=e.epochs, eval_every=e.eval_every, patience=e.patience,
-                             select_metric=grm_cfg.loop.select_metric, seed=config.seed)),
+        loop=stages.selection_loop(config, e.epochs, e.eval_every, e.patience)),
         mesh, seed=config.seed + 1)
 
   def phase(self, epoch: int) -> tuple[str, ...]:
@@ -288,9 +284,7 @@ class JointStage:
     return self.trainer.fit(
         name="etegrec", epoch_batches=self.epoch_batches,
         evaluate=lambda p: self.evaluate(p, selection),
-        loop_cfg=loop.LoopConfig(epochs=e.epochs, eval_every=e.eval_every, patience=e.patience,
-                                 select_metric=self.grm_cfg.loop.select_metric,
-                                 seed=self.config.seed),
+        loop_cfg=stages.selection_loop(self.config, e.epochs, e.eval_every, e.patience),
         checkpoint_dir=checkpoint_dir, context={"cf": jnp.asarray(self.features)},
         trainable=self.phase, after_epoch=self.refresh,
         interrupt_after_epoch=interrupt_after_epoch)
@@ -300,17 +294,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Data, SASRec, the pretrained tokenizer, the joint stage, the second stage (or w/o ETE's
   fresh recommender), tested with constrained and unconstrained beam search."""
   e = config.etegrec
-  mesh = stages.start_run(config, workdir)
-  timer = stages.Timer()
-  inter, split, results = stages.static_data(config, workdir)
-  timer.lap("data")
-  cf, sasrec_metrics = stages.cf_model(config, inter, mesh, workdir)
-  results["baselines"] = {"sasrec": sasrec_metrics}
-  timer.lap("sasrec")
-  table, results["tokenizer"], tokenizer, features = stages.item_tokenizer(
-      config, inter, workdir, cf, timer)
-  joint = JointStage(config, tokenizer, table, features, split, mesh)
-  selection = subsample(split.valid, config.grm.valid_users, config.seed)
+  start = stages.joint_inputs(config, workdir)
+  inter, split, results, timer = start.inter, start.split, start.results, start.timer
+  selection = start.selection
+  joint = JointStage(config, start.tokenizer, start.table, start.features, split, start.mesh)
   params, state = joint.fit(selection, os.path.join(workdir, "checkpoints", "joint"))
   final = joint.table(params)
   write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), final, inter.item_ids)

@@ -78,13 +78,11 @@ from flax import nnx
 
 from genrec_jax import stages
 from genrec_jax.data.batching import bucketed_batches
-from genrec_jax.data.splits import subsample
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, Identifiers, refresh_identifiers,
                                                write_identifiers_csv)
 from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import MLP, RQVAE
-from genrec_jax.training import loop
 from genrec_jax.training.alignment import (first_occurrence, level_log_probs, masked_mean,
                                           symmetric_info_nce, symmetric_kl)
 from genrec_jax.training.grm import (beam_rank, device_trie, identifier_nll, beam_metrics,
@@ -348,9 +346,7 @@ class JointStage:
     return self.trainer.fit(
         name="unigrec", epoch_batches=self.epoch_batches,
         evaluate=lambda p: self.evaluate(p, selection),
-        loop_cfg=loop.LoopConfig(epochs=u.epochs, eval_every=u.eval_every, patience=u.patience,
-                                 select_metric=self.grm_cfg.loop.select_metric,
-                                 seed=self.config.seed),
+        loop_cfg=stages.selection_loop(self.config, u.epochs, u.eval_every, u.patience),
         checkpoint_dir=checkpoint_dir, context=self.context,
         trainable=(TOKENIZER, RECOMMENDER), after_epoch=self.refresh,
         interrupt_after_epoch=interrupt_after_epoch)
@@ -371,10 +367,7 @@ class JointStage:
         name="unigrec_finetune", epoch_batches=functools.partial(self.epoch_batches,
                                                                  distill=False),
         evaluate=lambda p: self.evaluate(p, selection),
-        loop_cfg=loop.LoopConfig(epochs=u.finetune_epochs, eval_every=1,
-                                 patience=u.finetune_patience,
-                                 select_metric=self.grm_cfg.loop.select_metric,
-                                 seed=self.config.seed),
+        loop_cfg=stages.selection_loop(self.config, u.finetune_epochs, 1, u.finetune_patience),
         checkpoint_dir=checkpoint_dir, context=self.context, trainable=(RECOMMENDER,),
         interrupt_after_epoch=interrupt_after_epoch)
 
@@ -382,17 +375,11 @@ class JointStage:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Data, the SASRec teacher, the soft tokenizer, the joint stage, the second stage, tested
   with unconstrained (the paper's protocol) and trie-constrained beam search."""
-  mesh = stages.start_run(config, workdir)
-  timer = stages.Timer()
-  inter, split, results = stages.static_data(config, workdir)
-  timer.lap("data")
-  teacher, sasrec_metrics = stages.cf_model(config, inter, mesh, workdir)
-  results["baselines"] = {"sasrec": sasrec_metrics}
-  timer.lap("sasrec")
-  table, results["tokenizer"], tokenizer, features = stages.item_tokenizer(
-      config, inter, workdir, teacher, timer)
-  joint = JointStage(config, tokenizer, table, features, teacher, split, mesh)
-  selection = subsample(split.valid, config.grm.valid_users, config.seed)
+  start = stages.joint_inputs(config, workdir)  # the SASRec embeddings are the teacher
+  inter, split, results, timer = start.inter, start.split, start.results, start.timer
+  selection = start.selection
+  joint = JointStage(config, start.tokenizer, start.table, start.features, start.cf, split,
+                     start.mesh)
   params, state = joint.fit(selection, os.path.join(workdir, "checkpoints", "joint"))
   results["joint"] = {"history": state["history"], "best_epoch": state["best_epoch"] + 1,
                       "valid": joint.evaluate(params, selection),
