@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sasrec.patience = 5  # Evaluations without improvement before early stopping.
 
   c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "rqvae"  # "rqvae" (trained by gradient) | "rqkmeans" (residual mini-batch
+  #   k-means on the item vectors, no training: GRID / OneRec at catalog scale; train_length
+  #   steps of batch_size vectors per level; TIGER only).
   c.tokenizer.hidden_dims = (512, 256, 128, 64)  # Encoder MLP hidden sizes (decoder mirrors).
   c.tokenizer.latent_dim = 32  # Size of the quantized latent.
   c.tokenizer.num_levels = 3  # L residual levels.
@@ -252,6 +255,7 @@ CHOICES = {
     "etegrec.sia_logit_sign": ("distance", "code"),
     "etegrec.sia_level_reduction": ("sum", "mean"),
     "tokenizer.uniformity_reduction": ("sum", "mean"),
+    "tokenizer.kind": ("rqvae", "rqkmeans"),
     "unigrec.distill_logit_sign": ("distance", "code"),
     "unigrec.distill_level_reduction": ("sum", "mean"),
 }
@@ -325,6 +329,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"etegrec.sia_weight, psa_weight and finetune_epochs must be >= 0 "
                       f"(0 = the ablation without it / no second stage), got {e.sia_weight}, "
                       f"{e.psa_weight}, {e.finetune_epochs}")
+  tok = config.tokenizer
+  rq_kmeans_ok = (config.method == "tiger" and tok.train_unit == "steps"
+                  and tok.cf_weight == 0)
+  if tok.kind == "rqkmeans" and not rq_kmeans_ok:
+    raise ConfigError(f"tokenizer.kind='rqkmeans' (no trained encoder, no loss) works with "
+                      f"method=tiger, tokenizer.train_unit='steps' (mini-batch steps per "
+                      f"level) and tokenizer.cf_weight=0, got method={config.method!r}, "
+                      f"train_unit={tok.train_unit!r}, cf_weight={tok.cf_weight}")
   u = config.unigrec
   if config.method == "unigrec":
     weights = (u.recon_weight, u.token_weight, u.representation_weight, u.finetune_epochs,
@@ -335,7 +347,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         f"{weights}")
     if not 0 <= u.warmup_fraction < 1:
       raise ConfigError(f"unigrec.warmup_fraction={u.warmup_fraction} must lie in [0, 1)")
-  tok = config.tokenizer
   if min(tok.temperature_start, tok.temperature_end) <= 0:
     raise ConfigError(f"tokenizer.temperature_start / temperature_end must be > 0, got "
                       f"{tok.temperature_start}, {tok.temperature_end}")

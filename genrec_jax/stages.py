@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -28,6 +29,8 @@ from genrec_jax.data.splits import StaticSplit, subsample, training_windows
 from genrec_jax.recommenders.sasrec import SASRecConfig
 from genrec_jax.recommenders.t5 import T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, write_identifiers_csv
+from genrec_jax.tokenizers.quantizer import ResidualQuantizer
+from genrec_jax.tokenizers.rqkmeans import fit_rq_kmeans
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig
 from genrec_jax.training.checkpoint import restore_or_run
 from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer
@@ -36,7 +39,7 @@ from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer
 from genrec_jax.training.sharding import make_mesh
 from genrec_jax.training.tokenizer import (TokenizerRegularizer, TokenizerTrainConfig,
                                            assign_identifiers, final_temperature,
-                                           train_tokenizer)
+                                           identifiers_from_codes, train_tokenizer)
 
 
 class Timer:
@@ -110,11 +113,12 @@ def cf_model(config: ml_collections.ConfigDict, inter: Interactions, mesh, workd
 def item_tokenizer(config: ml_collections.ConfigDict, inter: Interactions, workdir: str,
                    cf: np.ndarray | None, timer: Timer,
                    regularizer: TokenizerRegularizer | None = None
-                   ) -> tuple[IdentifierTable, dict, RQVAE, np.ndarray]:
+                   ) -> tuple[IdentifierTable, dict, RQVAE | ResidualQuantizer, np.ndarray]:
   """Tokenizer inputs (timed as `embeddings`), the trained tokenizer (with a method's
   `regularizer` terms) and its identifier table (stage `tokenizer`,
-  WORKDIR/identifiers.csv). Returns the table, the tokenizer's statistics, the tokenizer and
-  its inputs [num_items, D_in]."""
+  WORKDIR/identifiers.csv). Returns the table, the tokenizer's statistics, the tokenizer (the
+  RQ-VAE, or with `tokenizer.kind=rqkmeans` the quantizer) and its inputs
+  [num_items, D_in]."""
   features = item_features(config, inter.item_ids, cf)
   timer.lap("embeddings")
   table, stats, model = train_or_restore_tokenizer(config, workdir, features, cf, regularizer)
@@ -298,8 +302,10 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
                                ) -> tuple[IdentifierTable, dict, RQVAE]:
   """Stage `tokenizer`: trains the RQ-VAE once; later runs restore weights and code table.
   Returns the identifier table, the training statistics and the tokenizer."""
-  model_cfg = rqvae_config(config, features.shape[1])
   tok = config.tokenizer
+  if tok.kind == "rqkmeans":
+    return train_or_restore_rq_kmeans(config, workdir, features)
+  model_cfg = rqvae_config(config, features.shape[1])
   n, depth = features.shape[0], tok.num_levels + 1
 
   def run():
@@ -317,12 +323,47 @@ def train_or_restore_tokenizer(config, workdir: str, features: np.ndarray,
                               "item": np.zeros((n,), np.int32)}}
   items, stats = restore_or_run(os.path.join(workdir, "checkpoints", "tokenizer"), templates,
                                 run)
-  codes = np.asarray(items["code_table"]["codes"])
-  dedup_size = max(tok.dedup_size, int(codes[:, -1].max()) + 1)  # grown by assign_identifiers
-  table = IdentifierTable(codes, np.asarray(items["code_table"]["item"]),
-                          (tok.codebook_size,) * tok.num_levels + (dedup_size,))
   nnx.update(model, items["tokenizer"])
-  return table, stats, model
+  return stored_table(config, items["code_table"]), stats, model
+
+
+def stored_table(config, code_table: dict) -> IdentifierTable:
+  """The identifier table of a tokenizer checkpoint's `code_table` item (codes with the dedup
+  digit, item of each row); its dedup vocabulary as grown by `identifiers_from_codes`."""
+  tok = config.tokenizer
+  codes = np.asarray(code_table["codes"])
+  dedup_size = max(tok.dedup_size, int(codes[:, -1].max()) + 1)
+  return IdentifierTable(codes, np.asarray(code_table["item"]),
+                         (tok.codebook_size,) * tok.num_levels + (dedup_size,))
+
+
+def train_or_restore_rq_kmeans(config, workdir: str, features: np.ndarray
+                               ) -> tuple[IdentifierTable, dict, ResidualQuantizer]:
+  """Stage `tokenizer` with `tokenizer.kind=rqkmeans` (`tokenizers.rqkmeans`): residual
+  mini-batch k-means over the tokenizer inputs, `tokenizer.train_length` steps of
+  `tokenizer.batch_size` vectors per level; later runs restore the codebooks and code table.
+  Returns the table, the statistics and the quantizer (its codebooks encode new items)."""
+  tok = config.tokenizer
+  n, dim = features.shape
+
+  def run():
+    t0 = time.time()
+    quantizer, codes = fit_rq_kmeans(features, tok.num_levels, tok.codebook_size, config.seed,
+                                     batch_size=tok.batch_size, steps=tok.train_length)
+    table, stats = identifiers_from_codes(codes, tok.codebook_size, tok.dedup_size)
+    return ({"quantizer": {"codebooks": np.asarray(quantizer.codebooks[...])},
+             "code_table": {"codes": table.codes, "item": table.item}},
+            {**stats, "seconds": time.time() - t0})
+
+  templates = {"quantizer": {"codebooks": np.zeros((tok.num_levels, tok.codebook_size, dim),
+                                                   np.float32)},
+               "code_table": {"codes": np.zeros((n, tok.num_levels + 1), np.int32),
+                              "item": np.zeros((n,), np.int32)}}
+  items, stats = restore_or_run(os.path.join(workdir, "checkpoints", "tokenizer"), templates,
+                                run)
+  quantizer = ResidualQuantizer(tok.num_levels, tok.codebook_size, dim, rngs=nnx.Rngs(0))
+  quantizer.codebooks[...] = jnp.asarray(items["quantizer"]["codebooks"])
+  return stored_table(config, items["code_table"]), stats, quantizer
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,

@@ -254,24 +254,33 @@ def encode_items(model: RQVAE, features: np.ndarray, temperature: float = 1.0,
 
 def assign_identifiers(model: RQVAE, features: np.ndarray, dedup_size: int,
                        temperature: float = 1.0) -> tuple[IdentifierTable, dict]:
-  """One unique identifier per item plus diagnostics (usage, perplexity, collisions). When more
-  items share one code sequence than `dedup_size` digits tell apart, the dedup vocabulary grows
-  to the largest group (with a warning) instead of stopping the run."""
-  codes = encode_items(model, features, temperature)
+  """One unique identifier per item plus diagnostics (`identifiers_from_codes`) from the
+  tokenizer's codes of every item (a soft tokenizer's at `temperature`)."""
+  table, stats = identifiers_from_codes(encode_items(model, features, temperature),
+                                        model.cfg.codebook_size, dedup_size)
+  if model.cfg.soft:
+    stats["temperature"] = temperature  # the soft tokenizer's, the identifiers' encoding
+  return table, stats
+
+
+def identifiers_from_codes(codes: np.ndarray, codebook_size: int, dedup_size: int
+                           ) -> tuple[IdentifierTable, dict]:
+  """The identifier table of codes int [N, L] (a dedup digit appended) and its diagnostics
+  (usage, perplexity, collisions). When more items share one code sequence than `dedup_size`
+  digits tell apart, the dedup vocabulary grows to the largest group (with a warning) instead
+  of stopping the run."""
   largest = int(np.unique(codes, axis=0, return_counts=True)[1].max())
   if largest > dedup_size:
     logging.warning("[tokenizer] %d items share one code sequence, more than tokenizer."
                     "dedup_size=%d: the dedup vocabulary grows to %d", largest, dedup_size,
                     largest)
     dedup_size = largest
-  table = one_to_one_table(assign_dedup(codes, dedup_size), model.cfg.codebook_size, dedup_size)
-  usage = code_usage(codes, model.cfg.codebook_size)
+  table = one_to_one_table(assign_dedup(codes, dedup_size), codebook_size, dedup_size)
+  usage = code_usage(codes, codebook_size)
   stats = {"collision_rate": collision_rate(codes),
            "max_dedup_digit": int(table.codes[:, -1].max()),
            "code_usage": usage["usage"], "code_perplexity": usage["perplexity"],
            "duplicates": table.duplicates()}
-  if model.cfg.soft:
-    stats["temperature"] = temperature  # the soft tokenizer's, the identifiers' encoding
   logging.info("[tokenizer] identifiers: collision rate %.4f, max dedup %d, perplexity %s",
                stats["collision_rate"], stats["max_dedup_digit"],
                [round(p, 1) for p in usage["perplexity"]])
