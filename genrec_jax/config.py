@@ -338,6 +338,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"level) and tokenizer.cf_weight=0, got method={config.method!r}, "
                       f"train_unit={tok.train_unit!r}, cf_weight={tok.cf_weight}")
   u = config.unigrec
+  if config.method == "unigrec" and not tok.soft:
+    raise ConfigError("method=unigrec needs tokenizer.soft=True (its soft identifiers); the "
+                      "shipped configs set it")
+  if tok.soft and tok.selection != "last":
+    raise ConfigError(f"tokenizer.selection={tok.selection!r} with tokenizer.soft: the kept "
+                      f"parameters would not match the final temperature the identifiers are "
+                      f"encoded at; use 'last'")
+  if config.method == "unigrec" and (u.warmup_epochs < 0 or u.finetune_patience < 1
+                                     or min(u.recommender_lr, u.tokenizer_lr,
+                                            u.finetune_lr) < 0):
+    raise ConfigError(f"unigrec.warmup_epochs must be >= 0, finetune_patience >= 1 and the "
+                      f"learning rates >= 0, got {u.warmup_epochs}, {u.finetune_patience}, "
+                      f"{(u.recommender_lr, u.tokenizer_lr, u.finetune_lr)}")
   if config.method == "unigrec":
     weights = (u.recon_weight, u.token_weight, u.representation_weight, u.finetune_epochs,
                u.joint_temperature_end)
@@ -567,7 +580,6 @@ def unigrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   c.sasrec.learning_rate = 5e-3
   c.tokenizer.train_length = 90
   c.tokenizer.warmup_units = 5
-  c.tokenizer.eval_every = 10
   c.unigrec.epochs = 3
   c.unigrec.warmup_epochs = 1
   c.unigrec.eval_every = 1

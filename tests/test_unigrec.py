@@ -3,6 +3,7 @@ gradient flow from the recommendation loss into the tokenizer, the joint objecti
 composition, and whole runs (resume after an interrupt, ablations, config errors)."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 
 from genrec_jax import methods
 from genrec_jax.config import ConfigError, check_config
+from genrec_jax.data.batching import item_batches
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.methods.unigrec import (JointConfig, Recommender, UniGRec, halving_dims,
                                         joint_temperature, unigrec_loss)
@@ -105,14 +107,16 @@ def test_pretraining_anneals_the_temperature_per_epoch():
   model_cfg = RQVAEConfig(input_dim=8, hidden_dims=(16,), latent_dim=4, num_levels=2,
                           codebook_size=8, soft=True, loss_reduction="mean",
                           uniformity_weight=1.0)
-  cfg = TokenizerTrainConfig(length=4, unit="epochs", batch_size=64, learning_rate=0.0,
+  cfg = TokenizerTrainConfig(length=4, unit="epochs", batch_size=16, learning_rate=0.0,
                              weight_decay=0.0, kmeans_iterations=3, temperature_start=1.0,
                              temperature_end=0.2, log_every=1)
-  model, stats = train_tokenizer(model_cfg, cfg, x, seed=0)
-  _, parts = rqvae_losses(model, jnp.asarray(x), temperature=temperature_at(cfg, 3))
+  model, stats = train_tokenizer(model_cfg, cfg, x, seed=0)  # 4 steps per epoch
+  # the last step (of epoch 3) ran at temperature_at(cfg, 3), not at a per-step value
+  last = list(itertools.islice(item_batches(64, 16, 0), 16))[-1]
+  _, parts = rqvae_losses(model, jnp.asarray(x[last]), temperature=temperature_at(cfg, 3))
   np.testing.assert_allclose(stats["final_losses"]["uniformity"], parts["uniformity"], rtol=1e-5)
-  _, first = rqvae_losses(model, jnp.asarray(x), temperature=1.0)
-  assert abs(float(first["uniformity"]) - float(parts["uniformity"])) > 1e-4
+  _, step_rate = rqvae_losses(model, jnp.asarray(x[last]), temperature=1.0 - 0.8 * 15 / 16)
+  assert abs(float(step_rate["uniformity"]) - float(parts["uniformity"])) > 1e-4
 
 
 def _tiny_model(num_items=10, levels=2, k=4, d_in=6, teacher_dim=8):
@@ -148,7 +152,8 @@ def test_recommendation_loss_reaches_the_tokenizer_encoder_and_codebooks():
                         rec_only)[0]
 
   grads = jax.grad(loss)(tokenizer)["tokenizer"]
-  assert np.abs(np.asarray(grads["quantizer"]["codebooks"][...])).sum() > 0
+  books = np.abs(np.asarray(grads["quantizer"]["codebooks"][...]))
+  assert all(books[level].sum() > 0 for level in range(books.shape[0]))  # every level
   for layer in grads["encoder"]["layers"].values():
     assert np.abs(np.asarray(layer["kernel"][...])).sum() > 0
   decoder = jax.tree.leaves(grads["decoder"])  # the decoder is not on the recommendation path
@@ -174,7 +179,8 @@ def test_joint_objective_weights_its_parts_and_the_warm_up_switches_distillation
         x, temperature=temperature).reconstruction)) ** 2, axis=-1)
 
   history = np.asarray(batch["history"])
-  want_recon = 0.5 * (mse(history[history >= 0]).mean() + mse([4, 6, 8]).mean())
+  real = history[:3][history[:3] >= 0]  # row 3 is a filler row (weight 0): not counted
+  want_recon = 0.5 * (mse(real).mean() + mse([4, 6, 8]).mean())
   np.testing.assert_allclose(parts["recon"], want_recon, rtol=1e-5)
 
 
@@ -229,7 +235,11 @@ def test_run_resumes_to_the_same_numbers_and_reports_collapse_statistics(tmp_pat
             "temperature"} <= set(record)
     assert len(record["code_perplexity"]) == 2
   assert all(h["temperature"] == pytest.approx(0.5 - 0.4 * 59 / 60) for h in history)
-  assert "token_kl" not in history[0] or history[0]["token_kl"] >= 0
+  for epoch, record in enumerate(history):  # distillation from epoch 1 (warmup_epochs=1)
+    distill = 0.01 * record["token_kl"] + 0.1 * record["repr_nce"]
+    want = record["rec"] + 0.5 * record["recon"] + (distill if epoch >= 1 else 0.0)
+    assert record["loss"] == pytest.approx(want, rel=1e-5)
+  assert any(h["code_change"] > 0 for h in history)  # the refreshed map is what resumes
   assert set(reference["metrics"]) >= {"test_constrained", "test_unconstrained", "valid"}
   assert reference["tokenizer"]["temperature"] == pytest.approx(0.5 - 0.4 * 59 / 60)
 
@@ -249,6 +259,7 @@ def test_annealing_through_the_joint_stage_and_ablations_run_as_switches(tmp_pat
   temperatures = [h["temperature"] for h in results["joint"]["history"]]
   np.testing.assert_allclose(temperatures, [start + (0.01 - start) / 2, 0.01])
   assert "finetune_history" not in results
+  assert all("token_kl" not in h and "repr_nce" in h for h in results["joint"]["history"])
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -263,4 +274,15 @@ def test_config_errors_name_the_field(tmp_path):
   config = _tiny_run_config(str(tmp_path))
   config.unigrec.distill_logit_sign = "plus"
   with pytest.raises(ConfigError, match="unigrec.distill_logit_sign"):
+    check_config(config)
+
+
+def test_unigrec_needs_a_soft_tokenizer_selected_at_its_last_step(tmp_path):
+  config = _tiny_run_config(str(tmp_path))
+  config.tokenizer.soft = False
+  with pytest.raises(ConfigError, match="tokenizer.soft=True"):
+    check_config(config)
+  config = _tiny_run_config(str(tmp_path))
+  config.tokenizer.selection = "min_collision"
+  with pytest.raises(ConfigError, match="tokenizer.selection='min_collision' with tokenizer.soft"):
     check_config(config)

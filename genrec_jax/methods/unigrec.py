@@ -50,15 +50,32 @@ epochs), the encoder still reading soft identifiers.
 **Temperature in the joint stage.** The official code keeps the pretraining's last temperature
 (about 1e-3) fixed through the joint stage, the second stage and inference (the default);
 `unigrec.joint_temperature_end` > 0 anneals on, linearly from there to that value over the
-joint epochs (the identifiers of each epoch encoded at its temperature).
+joint epochs. The refresh after epoch e encodes the identifiers at epoch e + 1's temperature
+and stores both in the model state, so the validation after epoch e, the checkpoint and the
+next epoch use that pair (the history's `temperature` of epoch e is T(e + 1)).
 
-Differences from the official code that are not options: the distillation adapters are
-trained with the recommender (the official code leaves them out of every optimizer, at their
-random initialisation); the pooled encoder state is a masked mean over real positions (the
-official mask indexing zeroes the last two rows of each batch and keeps padding); every
-encoder position of an item is one of its L code levels, with no dedup position (as the
-official code); the dedup vocabulary grows instead of failing when the pretrained tokenizer
-collides more than `tokenizer.dedup_size` items.
+The paper (an abstract here) does not say how the token-level KL reduces its levels: the
+official code's mean is the default (`unigrec.distill_level_reduction="sum"` sums, as
+ETEGRec's paper does for its SIA).
+
+Differences from the official code that are not options:
+- the distillation adapters are trained with the recommender (the official code leaves them
+  out of every optimizer, at their random initialisation);
+- the pooled encoder state is a masked mean over real positions (the official mask indexing
+  zeroes the last two rows of each batch and keeps padding);
+- gradient clipping is per parameter group (the official code clips one global norm over the
+  tokenizer and the T5, which the tokenizer's 1/T-scaled gradients dominate);
+- an item whose codes did not change keeps its dedup digit at a refresh (the official code
+  renumbers every group in item order each epoch);
+- pretraining keeps its last parameters (the official code keeps the lowest training loss
+  among checkpoints every 50 epochs), and its k-means initialisation fits all items' latents
+  level by level with hard residuals (the official code: the first batch of 1,024, soft
+  residuals at T = 0.01);
+- no uniformity term in the joint stage (the official code computes one with weight 0);
+- every encoder position of an item is one of its L code levels, with no dedup position (as
+  the official code);
+- the dedup vocabulary grows instead of failing when the pretrained tokenizer collides more
+  than `tokenizer.dedup_size` items.
 """
 
 from __future__ import annotations
@@ -200,7 +217,8 @@ def unigrec_loss(model: UniGRec, batch: dict, key: jax.Array | None, context: di
   if cfg.recon_weight > 0:
     x_target = context["features"][target]
     out_target = model.tokenizer(x_target, temperature=model.assignment.temperature[...])
-    real_history = (batch["history"] >= 0).reshape(-1).astype(jnp.float32)
+    real_history = ((batch["history"] >= 0) & (batch["weight"] > 0)[:, None]).reshape(-1)
+    real_history = real_history.astype(jnp.float32)
     parts["recon"] = 0.5 * (
         weighted_mean(row_mse(x_history, out_history.reconstruction), real_history)
         + weighted_mean(row_mse(x_target, out_target.reconstruction), batch["weight"]))
