@@ -257,3 +257,30 @@ def test_level_softmax_search_scores_each_position_over_its_own_tokens():
                                atol=1e-4)
     np.testing.assert_allclose(expected[np.asarray(items[b])], np.asarray(scores[b]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_trie_has_the_dense_rows_and_the_same_beams():
+  """Random tables with collisions (the dedup digit separates them) and padding: the sparse
+  layout expands every node (and -1) to the dense row, and the searches agree exactly."""
+  from genrec_jax.decoding.trie import DENSE_TRIE_LIMIT_BYTES, build_sparse_trie, search_trie
+  for seed, (num_items, k, levels) in enumerate([(60, 4, 2), (200, 5, 3), (35, 3, 3)]):
+    table = _table(num_items=num_items, k=k, levels=levels, seed=seed)
+    capacity = trie_capacity(table.level_sizes, num_items + 7)
+    dense, sparse = build_trie(table, capacity), build_sparse_trie(table, capacity)
+    nodes = jnp.arange(-1, capacity)
+    for size in sorted(set(table.level_sizes)):
+      np.testing.assert_array_equal(sparse.child_rows(nodes, size),
+                                    dense.child_rows(nodes, size))
+    np.testing.assert_array_equal(sparse.leaf_item, dense.leaf_item)
+    model = _model(table, seed=seed)
+    inputs = jnp.asarray(np.random.default_rng(seed).integers(1, table.vocab_size, (3, 5)))
+    for constrained in (True, False):
+      want = _search(model, inputs, table, beam=7, constrained=constrained, trie=dense)
+      got = _search(model, inputs, table, beam=7, constrained=constrained, trie=sparse)
+      for a, b in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert isinstance(search_trie(table), type(dense))  # small: dense
+  big = 1 + DENSE_TRIE_LIMIT_BYTES // (4 * max(table.level_sizes))
+  assert isinstance(search_trie(table, big), type(sparse))
+  with pytest.raises(ValueError, match="trie kind"):
+    search_trie(table, kind="csr")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from genrec_jax.decoding.trie import Trie
+from genrec_jax.decoding.trie import SparseTrie, Trie
 
 NEG_INF = -1e30
 
@@ -30,7 +30,7 @@ NEG_INF = -1e30
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
+def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie | SparseTrie,
                 offsets: tuple[int, ...], level_sizes: tuple[int, ...], beam_size: int, *,
                 constrained: bool = True, level_softmax: bool = False, start_token: int = 0
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -42,7 +42,7 @@ def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
       first step (the start token), then batch_size * beam_size (rows grouped by example).
     init_state: the state before the start token; leaves have batch_size rows on axis 0.
     batch_size: number of examples B.
-    trie: dense trie of valid identifiers.
+    trie: prefix trie of valid identifiers, dense or sparse (`decoding.trie.search_trie`).
     offsets: token id of symbol 0 at each identifier position (static).
     level_sizes: symbols per position (static).
     beam_size: beams kept per example.
@@ -72,8 +72,7 @@ def beam_search(step_fn: StepFn, init_state: Any, batch_size: int, trie: Trie,
     logp = logp[..., offsets[pos]:offsets[pos] + size]
     if level_softmax:
       logp = jax.nn.log_softmax(logp, axis=-1)
-    child = trie.children[jnp.maximum(nodes, 0)][..., :size]  # [B, beam, size]
-    child = jnp.where(nodes[..., None] >= 0, child, -1)
+    child = trie.child_rows(nodes, size)  # [B, beam, size]
     candidate = scores[..., None] + logp
     if constrained:
       candidate = jnp.where(child >= 0, candidate, NEG_INF)

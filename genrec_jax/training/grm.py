@@ -28,7 +28,7 @@ from flax import nnx
 from genrec_jax.data.batching import sample_batches
 from genrec_jax.data.splits import SampleSet
 from genrec_jax.decoding.beam_search import beam_search, distinct_items
-from genrec_jax.decoding.trie import Trie, build_trie, trie_capacity
+from genrec_jax.decoding.trie import SparseTrie, Trie, search_trie, trie_capacity
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.recommenders.t5 import T5, T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable
@@ -182,11 +182,11 @@ def ranking_options(table: IdentifierTable, cfg: GRMTrainConfig, beam_size: int 
               level_softmax=bool(cfg.level_softmax))
 
 
-def device_trie(table: IdentifierTable, num_items: int, mesh) -> Trie:
-  """The table's trie on every device; one trie shape per catalog size, so that every table of
-  a run reuses the compiled search."""
+def device_trie(table: IdentifierTable, num_items: int, mesh) -> Trie | SparseTrie:
+  """The table's trie on every device, dense or sparse by size (`search_trie`); one trie shape
+  per catalog size, so that every table of a run reuses the compiled search."""
   capacity = trie_capacity(table.level_sizes, max(num_items, len(table.codes)))
-  return replicate(jax.tree.map(jnp.asarray, build_trie(table, capacity)), mesh)
+  return replicate(jax.tree.map(jnp.asarray, search_trie(table, capacity)), mesh)
 
 
 def rank_samples(rank_batch, samples: SampleSet, batch_size: int,
