@@ -88,6 +88,20 @@ class IdentifierTable:
     return int(self.codes.shape[0] - np.unique(self.codes, axis=0).shape[0])
 
 
+def code_groups(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Groups of identical rows of codes int [N, L] (N >= 1): each row's group int64 [N] (groups
+  numbered in sorted code order) and each group's size int64 [G]. Rows become one int64 key
+  when the code ranges allow (seconds for 10 M rows, against a minute for a row-wise sort)."""
+  codes = np.asarray(codes, np.int64)
+  sizes = [int(m) + 1 for m in codes.max(axis=0)] if codes.size else []
+  if codes.min(initial=0) >= 0 and np.prod(np.asarray(sizes, dtype=object)) < 2**62:
+    keys = np.ravel_multi_index(tuple(codes.T), sizes) if sizes else np.zeros(len(codes))
+    _, group, counts = np.unique(keys, return_inverse=True, return_counts=True)
+  else:
+    _, group, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+  return group.reshape(-1).astype(np.int64), counts
+
+
 def assign_dedup(codes: np.ndarray, dedup_size: int, *,
                  preferred: np.ndarray | None = None) -> np.ndarray:
   """Appends the dedup digit so that no two rows of codes [N, L] share an identifier.
@@ -101,23 +115,25 @@ def assign_dedup(codes: np.ndarray, dedup_size: int, *,
   """
   codes = np.asarray(codes, np.int32)
   n = codes.shape[0]
-  _, group, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
-  group = group.reshape(-1)
+  group, counts = code_groups(codes)
   if counts.max(initial=0) > dedup_size:
     raise ValueError(f"{counts.max()} items share one code sequence, more than the dedup "
                      f"vocabulary ({dedup_size}); increase tokenizer.dedup_size")
-  digit = np.full(n, -1, np.int64)
   order = np.argsort(group, kind="stable")
   bounds = np.concatenate([[0], np.cumsum(counts)])
-  for g in np.flatnonzero(counts > 1) if preferred is None else range(len(counts)):
+  if preferred is None:  # each item's place in its group, in item order (vectorised: 10 M items)
+    digit = np.empty(n, np.int64)
+    digit[order] = np.arange(n) - bounds[group[order]]
+    return np.concatenate([codes, digit[:, None].astype(np.int32)], axis=1)
+  digit = np.full(n, -1, np.int64)
+  for g in range(len(counts)):
     members = order[bounds[g]:bounds[g + 1]]
     taken = set()
-    if preferred is not None:
-      for i in members:
-        p = int(preferred[i])
-        if 0 <= p < dedup_size and p not in taken:
-          digit[i] = p
-          taken.add(p)
+    for i in members:
+      p = int(preferred[i])
+      if 0 <= p < dedup_size and p not in taken:
+        digit[i] = p
+        taken.add(p)
     free = (d for d in range(dedup_size) if d not in taken)
     for i in members:
       if digit[i] < 0:
