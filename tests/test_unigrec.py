@@ -262,27 +262,18 @@ def test_annealing_through_the_joint_stage_and_ablations_run_as_switches(tmp_pat
   assert all("token_kl" not in h and "repr_nce" in h for h in results["joint"]["history"])
 
 
-def test_config_errors_name_the_field(tmp_path):
+@pytest.mark.parametrize("field, value, message", [
+    ("unigrec.token_weight", -1.0, "unigrec.recon_weight, token_weight"),
+    ("tokenizer.temperature_end", 0.0, "tokenizer.temperature_start"),
+    ("unigrec.distill_logit_sign", "plus", "unigrec.distill_logit_sign"),
+    ("tokenizer.soft", False, "tokenizer.soft=True"),
+    ("tokenizer.selection", "min_collision",
+     "tokenizer.selection='min_collision' with tokenizer.soft"),
+    ("unigrec.finetune_patience", 0, "finetune_patience >= 1"),
+])
+def test_config_errors_name_the_field(tmp_path, field, value, message):
   config = _tiny_run_config(str(tmp_path))
-  config.unigrec.token_weight = -1.0
-  with pytest.raises(ConfigError, match="unigrec.recon_weight, token_weight"):
-    check_config(config)
-  config = _tiny_run_config(str(tmp_path))
-  config.tokenizer.temperature_end = 0.0
-  with pytest.raises(ConfigError, match="tokenizer.temperature_start"):
-    check_config(config)
-  config = _tiny_run_config(str(tmp_path))
-  config.unigrec.distill_logit_sign = "plus"
-  with pytest.raises(ConfigError, match="unigrec.distill_logit_sign"):
-    check_config(config)
-
-
-def test_unigrec_needs_a_soft_tokenizer_selected_at_its_last_step(tmp_path):
-  config = _tiny_run_config(str(tmp_path))
-  config.tokenizer.soft = False
-  with pytest.raises(ConfigError, match="tokenizer.soft=True"):
-    check_config(config)
-  config = _tiny_run_config(str(tmp_path))
-  config.tokenizer.selection = "min_collision"
-  with pytest.raises(ConfigError, match="tokenizer.selection='min_collision' with tokenizer.soft"):
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError, match=message):
     check_config(config)
