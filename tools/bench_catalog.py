@@ -1,8 +1,8 @@
 """Decoding at catalog scale (issue 15): trie build time and memory, beam-search users/s.
 
 Synthetic identifier tables of N items (3 levels x 256 codes plus the dedup digit), with codes
-drawn uniformly or clustered (level-1 codes Zipf-distributed, each deeper level drawing from 8
-codes per parent prefix, so that prefixes are deep and collisions many). For each table: the
+drawn uniformly or clustered (level-1 codes from a power law, p_k ~ 1 / (k + 10), each deeper
+level from 32 codes per parent prefix, so that branches are uneven and collisions many). For each table: the
 dense and sparse tries' build seconds and bytes (the dense one only while it fits
 `--dense_limit_gib`), then beam search of `--users` users with each step function:
 - `random`: a fixed random logit table indexed by the last token (no model: the search's own
@@ -51,13 +51,13 @@ def synthetic_table(num_items: int, distribution: str, seed: int = 0):
   if distribution == "uniform":
     codes = rng.integers(0, CODES, (num_items, LEVELS))
   elif distribution == "clustered":
-    first = np.minimum(rng.zipf(1.3, num_items) - 1, CODES - 1)
-    codes = [first]
-    for _ in range(1, LEVELS):  # 8 codes per parent prefix, a fixed hash of the prefix
+    weight = 1.0 / (np.arange(CODES) + 10.0)  # level 1: a power law, 3 % on the top code
+    codes = [rng.choice(CODES, num_items, p=weight / weight.sum())]
+    for _ in range(1, LEVELS):  # 32 codes per parent prefix, placed by a hash of the prefix
       prefix = np.zeros(num_items, np.int64)
       for c in codes:
         prefix = prefix * CODES + c
-      codes.append((prefix * 2654435761 + 8 * rng.integers(0, 8, num_items)) % CODES)
+      codes.append((prefix * 2654435761 + 8 * rng.integers(0, 32, num_items)) % CODES)
     codes = np.stack(codes, 1)
   else:
     raise ValueError(f"unknown distribution {distribution!r}")
