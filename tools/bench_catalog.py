@@ -9,7 +9,9 @@ dense and sparse tries' build seconds and bytes (the dense one only while it fit
   cost);
 - `t5`: the cpu preset's T5 (2+2 layers, d_model 64) with random weights over random histories.
 With `--exact_check`, the first size also checks a beam as large as the catalog against
-exhaustive scoring of every identifier (random step function).
+exhaustive scoring of every identifier (random step function). Last, RQ-k-means
+(`tokenizers.rqkmeans`, 3 x 256 codes, 100 mini-batch steps of 4,096 per level) on
+`--rqkmeans_items` random vectors: seconds and collision rate.
 
   python tools/bench_catalog.py --sizes=10000,100000,1000000,10000000 --beams=20,100 \
       --json_out=experiments/benchmarks/catalog_cpu.jsonl
@@ -29,7 +31,9 @@ from flax import nnx
 from genrec_jax.decoding.beam_search import beam_search
 from genrec_jax.decoding.trie import build_sparse_trie, build_trie
 from genrec_jax.recommenders.t5 import T5, T5Config
-from genrec_jax.tokenizers.identifiers import assign_dedup, one_to_one_table
+from genrec_jax.tokenizers.identifiers import (assign_dedup, code_groups, collision_rate,
+                                               one_to_one_table)
+from genrec_jax.tokenizers.rqkmeans import fit_rq_kmeans
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["10000", "100000", "1000000", "10000000"], "Catalog sizes.")
@@ -41,6 +45,9 @@ flags.DEFINE_integer("repeats", 3, "Timed searches after the compiling one.")
 flags.DEFINE_float("dense_limit_gib", 2.5, "Largest dense trie to build.")
 flags.DEFINE_bool("exact_check", True, "Check a catalog-sized beam against brute force.")
 flags.DEFINE_string("json_out", "", "Append one JSON line per measurement to this file.")
+flags.DEFINE_integer("rqkmeans_items", 10_000_000, "Item vectors of the RQ-k-means measurement "
+                     "(0 = skip).")
+flags.DEFINE_integer("rqkmeans_dim", 32, "Size of those vectors.")
 
 LEVELS, CODES = 3, 256
 
@@ -160,6 +167,17 @@ def main(argv):
       if out:
         out.write(line + "\n")
         out.flush()
+  if FLAGS.rqkmeans_items:
+    x = np.random.default_rng(0).normal(size=(FLAGS.rqkmeans_items, FLAGS.rqkmeans_dim))
+    x = x.astype(np.float32)
+    t0 = time.time()
+    _, codes = fit_rq_kmeans(x, LEVELS, CODES, 0, batch_size=4096, steps=100)
+    record = {"rqkmeans_items": len(x), "dim": x.shape[1], "seconds": time.time() - t0,
+              "collision_rate": collision_rate(codes),
+              "max_group": int(code_groups(codes)[1].max())}
+    print(json.dumps(record), flush=True)
+    if out:
+      out.write(json.dumps(record) + "\n")
   if out:
     out.close()
 
