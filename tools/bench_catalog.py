@@ -2,9 +2,9 @@
 
 Synthetic identifier tables of N items (3 levels x 256 codes plus the dedup digit), with codes
 drawn uniformly or clustered (level-1 codes from a power law, p_k ~ 1 / (k + 10), each deeper
-level from 32 codes per parent prefix, so that branches are uneven and collisions many). For each table: the
-dense and sparse tries' build seconds and bytes (the dense one only while it fits
-`--dense_limit_gib`), then beam search of `--users` users with each step function:
+level from 32 codes per parent prefix, so that branches are uneven and collisions many). For
+each table: the dense and sparse tries' build seconds and bytes (the dense one only while it
+fits `--dense_limit_gib`), then beam search of `--users` users with each step function:
 - `random`: a fixed random logit table indexed by the last token (no model: the search's own
   cost);
 - `t5`: the cpu preset's T5 (2+2 layers, d_model 64) with random weights over random histories.

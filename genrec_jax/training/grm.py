@@ -155,8 +155,9 @@ def grm_loss(model: T5, batch: dict, key: jax.Array | None, context: dict,
   return weighted_mean(nll, batch["weight"]), {}
 
 
-def beam_rank(model: T5, encoded: jax.Array, mask: jax.Array, trie: Trie, *, offsets,
-              level_sizes, beam_size, constrained, level_softmax) -> tuple[jax.Array, jax.Array]:
+def beam_rank(model: T5, encoded: jax.Array, mask: jax.Array, trie: Trie | SparseTrie, *,
+              offsets, level_sizes, beam_size, constrained, level_softmax
+              ) -> tuple[jax.Array, jax.Array]:
   """Beam search of the T5 decoder over encoder states [B, T, d_model] (mask bool [B, T]),
   whatever the encoder read (identifier tokens, soft identifiers): (items int32 [B, beam],
   scores [B, beam]), each item at most once (`distinct_items`). Traced inside a caller's jit."""
@@ -246,13 +247,13 @@ class GRMTrainer:
     self._rank = jax.jit(self._rank_batch, static_argnames=(
         "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
 
-  def _rank_batch(self, params, history, item_tokens, trie: Trie, **static):
+  def _rank_batch(self, params, history, item_tokens, trie: Trie | SparseTrie, **static):
     model = self.trainer.merge(params)
     encoded, mask = model.encode(identifier_inputs(history, item_tokens))
     return beam_rank(model, encoded, mask, trie, **static)
 
-  def lower_rank(self, params, history: jax.Array, item_tokens: jax.Array, trie: Trie,
-                 table: IdentifierTable, beam_size: int | None = None):
+  def lower_rank(self, params, history: jax.Array, item_tokens: jax.Array,
+                 trie: Trie | SparseTrie, table: IdentifierTable, beam_size: int | None = None):
     """The ranking step lowered for this batch shape (`jax.stages.Lowered`, benchmarks):
     `.compile()(params, history, item_tokens, trie)` returns (items, scores) as `rank`."""
     return self._rank.lower(params, history, item_tokens, trie,
