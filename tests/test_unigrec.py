@@ -220,7 +220,7 @@ def _tiny_run_config(directory):
                           loss_reduction="mean", warmup_units=5, linear_decay=True,
                           grad_clip=1.0)
   config.grm.update(constrained=False, beam_size=20)
-  config.unigrec.update(epochs=3, warmup_epochs=1, finetune_epochs=2, eval_every=1,
+  config.unigrec.update(epochs=2, warmup_epochs=1, finetune_epochs=1, eval_every=1,
                         tokenizer_lr=1e-3, recommender_lr=1e-2, warmup_fraction=0.1)
   return config
 
@@ -229,7 +229,7 @@ def test_run_resumes_to_the_same_numbers_and_reports_collapse_statistics(tmp_pat
   config = _tiny_run_config(str(tmp_path))
   reference = methods.run(config, str(tmp_path / "straight"))
   history = reference["joint"]["history"]
-  assert len(history) == 3
+  assert len(history) == 2
   for record in history:  # identifier statistics after every joint epoch
     assert {"code_change", "collision_rate", "code_usage", "code_perplexity",
             "temperature"} <= set(record)
@@ -244,7 +244,7 @@ def test_run_resumes_to_the_same_numbers_and_reports_collapse_statistics(tmp_pat
   assert reference["tokenizer"]["temperature"] == pytest.approx(0.5 - 0.4 * 59 / 60)
 
   resumed = interrupt_then_resume(
-      monkeypatch, lambda: methods.run(config, str(tmp_path / "resumed")), "unigrec", epoch=1)
+      monkeypatch, lambda: methods.run(config, str(tmp_path / "resumed")), "unigrec", epoch=0)
   strip = lambda hs: [{k: v for k, v in h.items() if k != "samples_per_s"} for h in hs]
   assert strip(resumed["joint"]["history"]) == strip(history)
   assert resumed["metrics"]["test_unconstrained"] == reference["metrics"]["test_unconstrained"]
