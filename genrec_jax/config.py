@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field of a run, with the TIGER/DACT paper settings as defaults."""
   c = ml_collections.ConfigDict()
   c.method = "tiger"  # "tiger" | "letter" | "sasrec" | "continual" (DACT + baselines) |
-  #   "etegrec" | "unigrec".
+  #   "etegrec" | "unigrec" | "pit".
   c.seed = 0  # Seeds every random choice (init, batch order, dropout): same seed, same numbers.
   c.cpu_devices = 1  # XLA devices the host CPU is split into, one thread each, the batch split
   #   over them (`training.sharding.use_cpu_devices`, applied by `genrec_jax.main`): 1 = one
@@ -231,6 +231,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.unigrec.finetune_epochs = 100  # Second stage (tokenizer frozen, no distillation): budget.
   c.unigrec.finetune_lr = 4e-4  # Second stage: AdamW, constant.
   c.unigrec.finetune_patience = 10  # Second stage: validation every epoch.
+
+  c.pit = ml_collections.ConfigDict()  # Used by method "pit" (METHODS.md section 8; the sources
+  #   give no settings: these are ours, genrec_jax/methods/pit.py). The recommender trains
+  #   with the grm.* settings (TIGER's T5, epochs, validation, early stopping).
+  c.pit.max_identifiers = 3  # m: the most identifiers an item keeps in the index (1 = the
+  #   one-to-one ablation).
+  c.pit.candidates = 8  # Code sequences the generator beam-generates per item at a refresh.
+  c.pit.selection = "min_loss"  # Each example's identifier: "min_loss" (user-guided minimum
+  #   loss) | "random" (uniform over the target's identifiers: the ablation).
+  c.pit.index_every = 1  # Epochs between index refreshes (prune weak, add generated).
+  c.pit.train_generator = True  # False: the generator stays at its warm start (ablation).
+  c.pit.embedding_dim = 64  # Item embedding size (text projection + free vector).
+  c.pit.embedding_lr = 1e-3  # AdamW of the item embeddings and the alignment's attention.
+  c.pit.generator_lr = 1e-3  # AdamW of the generator (warm start and co-evolution).
+  c.pit.weight_decay = 0.01  # Both AdamW above.
+  c.pit.grad_clip = 1.0  # Gradient-norm clipping of the embeddings' and generator's updates.
+  c.pit.warmstart_steps = 3000  # Generator warm-start updates on the source identifiers.
+  c.pit.warmstart_batch_size = 1024  # Items per warm-start batch.
+  c.pit.generator = ml_collections.ConfigDict()  # The item-to-token transformer.
+  c.pit.generator.d_model = 128  # Width.
+  c.pit.generator.d_ff = 512  # Feed-forward width.
+  c.pit.generator.num_heads = 4  # Attention heads (d_model / num_heads per head).
+  c.pit.generator.num_layers = 2  # Causal self-attention blocks.
   return c
 
 
@@ -238,7 +261,7 @@ class ConfigError(ValueError):
   """A config field that makes no sense; the message names the field and the fix."""
 
 
-METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec", "unigrec")  # methods.REGISTRY
+METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec", "unigrec", "pit")  # methods.REGISTRY
 CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
 CHOICES = {
     "method": METHOD_NAMES,
@@ -258,6 +281,7 @@ CHOICES = {
     "tokenizer.kind": ("rqvae", "rqkmeans"),
     "unigrec.distill_logit_sign": ("distance", "code"),
     "unigrec.distill_level_reduction": ("sum", "mean"),
+    "pit.selection": ("min_loss", "random"),
 }
 POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs",
             "sasrec.batch_size", "sasrec.max_len", "sasrec.steps_per_dispatch",
@@ -267,7 +291,10 @@ POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epoc
             "grm.batch_size", "grm.eval_batch_size", "grm.beam_size", "grm.steps_per_dispatch",
             "continual.dact.steps", "continual.dact.batch_size",
             "continual.dact.steps_per_dispatch", "continual.min_test_history", "etegrec.cycle",
-            "etegrec.epochs", "etegrec.eval_every", "unigrec.epochs", "unigrec.eval_every")
+            "etegrec.epochs", "etegrec.eval_every", "unigrec.epochs", "unigrec.eval_every",
+            "pit.max_identifiers", "pit.candidates", "pit.index_every", "pit.embedding_dim",
+            "pit.warmstart_steps", "pit.warmstart_batch_size", "pit.generator.d_model",
+            "pit.generator.num_heads", "pit.generator.num_layers")
 
 
 SHARDED_BATCHES = ("sasrec.batch_size", "tokenizer.batch_size", "grm.batch_size",
@@ -366,6 +393,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= tok.warmup_units < tok.train_length:
     raise ConfigError(f"tokenizer.warmup_units={tok.warmup_units} must lie in [0, "
                       f"tokenizer.train_length={tok.train_length})")
+  p = config.pit
+  if config.method == "pit" and p.generator.d_model % p.generator.num_heads:
+    raise ConfigError(f"pit.generator.d_model={p.generator.d_model} must be a multiple of "
+                      f"pit.generator.num_heads={p.generator.num_heads}")
+  if config.method == "pit" and tok.kind != "rqvae":
+    raise ConfigError(f"method=pit warm-starts its generator from the RQ-VAE's identifiers: "
+                      f"set tokenizer.kind='rqvae' (got {tok.kind!r})")
   unknown = set(config.continual.methods) - set(CONTINUAL_METHODS)
   if config.method == "continual" and unknown:
     raise ConfigError(f"continual.methods has unknown {sorted(unknown)}; choose from "
@@ -435,6 +469,7 @@ def smoke_settings(c: ml_collections.ConfigDict) -> None:
   c.continual.dact.update(steps=10, log_every=5)
   c.etegrec.update(epochs=2, align_warmup_epochs=1, finetune_epochs=1, eval_every=1)
   c.unigrec.update(epochs=2, warmup_epochs=1, finetune_epochs=1, eval_every=1)
+  c.pit.update(warmstart_steps=20)
   c.tokenizer.warmup_units = 0
 
 
@@ -586,9 +621,23 @@ def unigrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   c.unigrec.finetune_epochs = 1
 
 
+def pit_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """PIT (METHODS.md section 8; no public code, so no official settings): the source
+  identifiers are TIGER's (RQ-VAE over MiniLM item text, 3 x 256 codes + dedup), the
+  recommender is TIGER's T5 with its schedule (`base_config`'s grm fields), and the `pit`
+  fields hold our settings for the embeddings, the generator and the index.
+
+  "cpu" (within 20 minutes on 2 cores): `apply_preset`'s small T5 and 1,000 tokenizer steps,
+  1,000 generator warm-start steps, 6 co-evolution epochs with validation every 2.
+  """
+  if cpu:
+    c.pit.warmstart_steps = 1000
+
+
 METHOD_SETTINGS = {"tiger": tiger_settings, "letter": letter_settings,
                    "sasrec": sasrec_settings, "continual": continual_settings,
-                   "etegrec": etegrec_settings, "unigrec": unigrec_settings}
+                   "etegrec": etegrec_settings, "unigrec": unigrec_settings,
+                   "pit": pit_settings}
 
 
 def method_config(method: str, dataset: str, preset: str = "") -> ml_collections.ConfigDict:

@@ -17,7 +17,7 @@ from genrec_jax.config import ConfigError
 
 # config.method -> module of genrec_jax.methods ("continual": DACT with its baselines).
 REGISTRY = {"tiger": "tiger", "letter": "letter", "sasrec": "sasrec", "continual": "dact",
-            "etegrec": "etegrec", "unigrec": "unigrec"}
+            "etegrec": "etegrec", "unigrec": "unigrec", "pit": "pit"}
 
 
 def method_module(name: str) -> ModuleType:

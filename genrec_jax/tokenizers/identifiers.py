@@ -71,12 +71,17 @@ class IdentifierTable:
     out[self.item[first]] = self.tokens()[first]
     return out
 
-  def item_token_sets(self, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+  def item_token_sets(self, num_items: int, width: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Every identifier of every item (one-to-many tables): tokens int32 [num_items, m, L + 1]
-    with m the most identifiers any item owns, in table order, 0 rows past an item's count;
-    and count int32 [num_items], the identifiers each item owns."""
+    with m = `width` (default: the most identifiers any item owns), in table order, 0 rows
+    past an item's count; and count int32 [num_items], the identifiers each item owns. A
+    fixed width keeps one array shape while the counts change (PIT's index)."""
     count = np.bincount(self.item, minlength=num_items).astype(np.int32)
-    out = np.zeros((num_items, max(int(count.max(initial=0)), 1), self.depth), np.int32)
+    most = int(count.max(initial=0))
+    if width is not None and width < most:
+      raise ValueError(f"an item owns {most} identifiers, more than width={width}")
+    out = np.zeros((num_items, width or max(most, 1), self.depth), np.int32)
     order = np.argsort(self.item, kind="stable")
     starts = np.concatenate([[0], np.cumsum(count)[:-1]])
     rank = np.arange(len(order)) - starts[self.item[order]]  # position among its item's rows

@@ -149,18 +149,20 @@ class Trainer:
     return params, opt_state, {**means, "steps": count}
 
   def item_update(self, params, opt_state, indices, step_id: int, key: jax.Array | None,
-                  context: dict, steps_per_dispatch: int = 1):
+                  context: dict, steps_per_dispatch: int = 1,
+                  trainable: tuple[str, ...] | None = None):
     """The update(s) of a tokenizer's item batches: with one step per call, `indices` int [B]
     and the key fold_in(key, step_id) (None: no randomness); with K = steps_per_dispatch > 1,
-    a list of up to K consecutive batches, step j keyed by step_id + j (`train_steps`)."""
+    a list of up to K consecutive batches, step j keyed by step_id + j (`train_steps`).
+    `trainable` as `train_step`."""
     if steps_per_dispatch == 1:
       step_key = None if key is None else jax.random.fold_in(key, step_id)
       return self.train_step(params, opt_state, shard_item_batch(indices, self.mesh), step_key,
-                             context)
+                             context, trainable)
     stacked = shard_stacked_batch(stack_item_batches(indices, steps_per_dispatch, step_id),
                                   self.mesh)
     return self.train_steps(params, opt_state, stacked,
-                            jax.random.key(0) if key is None else key, context)
+                            jax.random.key(0) if key is None else key, context, trainable)
 
   def lower_step(self, params, opt_state, batch: dict, key: jax.Array,
                  context: dict | None = None, trainable: tuple[str, ...] | None = None):

@@ -1,0 +1,574 @@
+"""PIT: a dynamic, personalized, one-to-many item tokenizer trained with the recommender.
+
+METHODS.md section 8 and the abstract (../shared/papers/pit_abstract.txt); there is no public
+code, so this module is our reading of them, and every choice they leave open is listed here
+and in experiments/pit_toys_cpu/README.md. Stages: data, the RQ-VAE tokenizer on the item texts
+(TIGER's: the source identifiers), the generator's warm start, the co-evolution stage.
+
+**Collaborative signal alignment** (`ItemEmbeddings`, `alignment_loss`). Item i's embedding is
+e_i = x_i W + v_i: a projection of its text vector x_i plus a free collaborative vector v_i
+(zero at the start). A user-item prediction trains it: for a training example (history h,
+target t) and a candidate item c of the batch, DIN-style target attention pools the history
+with the candidate as query, u(h, c) = sum_s softmax_s(<q(e_c), k(sg e_{h_s})> / sqrt(d))
+v(sg e_{h_s}), and the score is <u(h, c), e_c>; the loss is the cross-entropy of the true
+target among the batch's distinct targets (in-batch negatives). The user context, the history
+embeddings, is under stop-gradient (the abstract's "user context under stop-gradient"): the
+candidate's embedding moves towards the users who chose it, not the reverse. Open choices:
+dot-product attention (DIN uses an MLP attention unit), in-batch negatives, text + free vector.
+
+**Item-to-token generator** (`ItemToToken`): a decoder-only transformer (T5 blocks with a causal
+mask). Position 0 reads a projection of sg(e_i); position l reads the level-(l - 1) code
+(one embedding table per level); position l predicts the level-l code through level l's output
+table. It generates the L codes of an identifier; the dedup digit comes from the index. Warm
+start (`warm_start`): trained on every item's source identifier (the RQ-VAE's codes) at the
+initial embeddings until it reproduces them (the exact-reproduction rate is reported).
+
+**Co-evolution** (`pit_loss`): each training example's target owns up to m identifiers in the
+index. The recommender (TIGER's T5) scores every one of them by teacher forcing; user-guided
+minimum-loss selection keeps, per example, the identifier with the lowest recommender loss
+(`select_identifiers`; `pit.selection="random"` picks one uniformly: the ablation). The
+recommender trains on the selected identifier, and the generator learns to generate it from
+the target's embedding: L = L_rec(selected) + L_gen(selected) + L_align. The three terms train
+disjoint parameter groups (T5; generator; embeddings and attention), so their relative weights
+would not matter under Adam and there are none. The encoder reads each history item through
+its primary identifier (slot 0: the one the generator scores highest).
+
+**One-to-many beam index** (`refresh_index`, after every `pit.index_every` epochs): the
+generator beam-generates `pit.candidates` code sequences per item; every item's pool is its
+current identifiers plus the new sequences, scored by the generator's log-probability, and its
+best m are kept (weak ones pruned, new ones added). A new sequence takes the smallest dedup
+digit that no identifier of the index (of any item) uses with the same codes, so no identifier
+maps to two items; a sequence whose group is full is skipped. The generator is trained on the
+selections, so its scores follow what users select: an identifier that stops being selected
+loses probability and is pruned. Decoding runs trie-constrained beam search over every
+identifier of the index and keeps each item's best-ranked identifier (`distinct_items`).
+
+Settings the sources do not give (ours): m = 3 identifiers per item, 8 generated candidates per
+item per refresh, a refresh after every epoch, the generator's size (2 blocks, d 128), the
+embedding size 64 and the learning rates (`pit` config fields). The reported offline numbers
+were measured with the item-to-token model frozen (METHODS.md); `pit.train_generator=False`
+freezes it here, an ablation, while the default trains it (the co-evolution the paper names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from genrec_jax import stages
+from genrec_jax.data.batching import item_batches
+from genrec_jax.data.splits import subsample
+from genrec_jax.decoding.beam_search import NEG_INF, beam_search
+from genrec_jax.decoding.trie import Trie
+from genrec_jax.recommenders.t5 import T5, Stack, T5Config
+from genrec_jax.tokenizers.identifiers import (IdentifierTable, Identifiers,
+                                               write_identifiers_csv)
+from genrec_jax.training import loop
+from genrec_jax.training.checkpoint import restore_or_run
+from genrec_jax.training.grm import (beam_metrics, beam_rank, device_trie, identifier_inputs,
+                                     identifier_nll, rank_samples, ranking_options,
+                                     weighted_mean)
+from genrec_jax.training.optim import make_optimizer
+from genrec_jax.training.sharding import replicate, sharded_training_batches
+from genrec_jax.training.trainer import Trainer
+
+EMBEDDINGS, GENERATOR, RECOMMENDER, INDEX = "embeddings", "generator", "recommender", "index"
+SELECTIONS = ("min_loss", "random")
+
+
+class ItemEmbeddings(nnx.Module):
+  """Item embeddings e_i = x_i W + v_i [num_items, dim] and the DIN-style target attention of
+  the alignment task (query, key, value projections)."""
+
+  def __init__(self, num_items: int, input_dim: int, dim: int, *, rngs: nnx.Rngs):
+    self.text = nnx.Linear(input_dim, dim, rngs=rngs)
+    self.free = nnx.Param(jnp.zeros((num_items, dim), jnp.float32))
+    self.query = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
+    self.key = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
+    self.value = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
+
+  def __call__(self, items: jax.Array, features: jax.Array) -> jax.Array:
+    """Embeddings [..., dim] of item indices [...] >= 0; features [num_items, D_in]."""
+    return self.text(features[items]) + self.free[...][items]
+
+  def user_context(self, candidates: jax.Array, history: jax.Array, mask: jax.Array
+                   ) -> jax.Array:
+    """Target attention: the history [B, S, dim] (mask bool [B, S]) pooled for every
+    candidate embedding [C, dim] as query -> user vectors [B, C, dim] (0 for no history)."""
+    q = self.query(candidates) / jnp.sqrt(candidates.shape[-1])
+    logits = jnp.einsum("cd,bsd->bcs", q, self.key(history))
+    logits = jnp.where(mask[:, None, :], logits, -1e30)
+    weights = jax.nn.softmax(logits, axis=-1) * mask.any(-1)[:, None, None]
+    return jnp.einsum("bcs,bsd->bcd", weights, self.value(history))
+
+
+def alignment_loss(embeddings: ItemEmbeddings, history: jax.Array, target: jax.Array,
+                   weight: jax.Array, features: jax.Array) -> jax.Array:
+  """The collaborative alignment (module docstring): in-batch cross-entropy of each example's
+  target among the batch's targets, scored <u(h, c), e_c> with the history under
+  stop-gradient. history int [B, S] (-1 = padding), target int [B] (-1 = filler), weight
+  float [B]. Another row with the same target is not a negative. Returns a scalar."""
+  e_target = embeddings(jnp.maximum(target, 0), features)  # [B, d]
+  e_history = jax.lax.stop_gradient(embeddings(jnp.maximum(history, 0), features))
+  mask = history >= 0
+  user = embeddings.user_context(e_target, e_history, mask)  # [B, B, d]
+  logits = jnp.einsum("bcd,cd->bc", user, e_target)
+  b = target.shape[0]
+  negative = (target[:, None] != target[None, :]) & (weight[None, :] > 0)
+  logits = jnp.where(negative | jnp.eye(b, dtype=bool), logits, -1e30)
+  nll = -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1))
+  return weighted_mean(nll, weight * mask.any(-1))
+
+
+class ItemToToken(nnx.Module):
+  """Decoder-only generator of an item's L codes from its embedding (module docstring).
+
+  Args:
+    embedding_dim: size of the item embeddings it reads.
+    num_levels, codebook_size: L and K of the identifiers.
+    cfg: the transformer's sizes (d_model, d_ff, heads, num_encoder_layers blocks); its vocab
+      size is unused.
+  """
+
+  def __init__(self, embedding_dim: int, num_levels: int, codebook_size: int, cfg: T5Config,
+               *, rngs: nnx.Rngs):
+    self.levels, self.codebook_size = num_levels, codebook_size
+    self.project = nnx.Linear(embedding_dim, cfg.d_model, rngs=rngs)
+    self.code_embed = nnx.Param(jax.random.normal(
+        rngs.params(), (num_levels, codebook_size, cfg.d_model)))
+    self.stack = Stack(cfg, cfg.num_encoder_layers, False, rngs)
+    self.head = nnx.Param(jax.random.normal(
+        rngs.params(), (num_levels, cfg.d_model, codebook_size)) * cfg.d_model ** -0.5)
+
+  def logits(self, embedding: jax.Array, codes: jax.Array) -> jax.Array:
+    """Per-level code logits [R, L, K] by teacher forcing: embeddings [R, E] and codes int
+    [R, L] (only the first L - 1 are read; position l predicts code l)."""
+    inputs = [self.project(embedding)[:, None]]
+    inputs += [self.code_embed[level][codes[:, level]][:, None]
+               for level in range(self.levels - 1)]
+    causal = jnp.tril(jnp.ones((self.levels, self.levels), bool))[None, None]
+    states, _ = self.stack(jnp.concatenate(inputs, axis=1), causal, None)
+    return jnp.einsum("rld,ldk->rlk", states, self.head[...])
+
+  def code_log_probs(self, embedding: jax.Array, codes: jax.Array) -> jax.Array:
+    """log p(code_l | embedding, codes_<l) [R, L] of codes int [R, L]."""
+    logp = jax.nn.log_softmax(self.logits(embedding, codes), axis=-1)
+    return jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0]
+
+  def generate(self, embedding: jax.Array, beam_size: int) -> tuple[jax.Array, jax.Array]:
+    """The top `beam_size` code sequences of each embedding [R, E] by beam search (the
+    library's `beam_search`, unconstrained): codes int32 [R, beam, L] and their
+    log-probabilities [R, beam], best first."""
+    rows, levels, k = embedding.shape[0], self.levels, self.codebook_size
+    offsets = tuple(1 + level * k for level in range(levels))
+
+    def step(last_tokens, state):
+      # state: the embedding, the codes so far [R, L] and their number [R]; the start token
+      # (first call) adds no code.
+      done = state["length"]
+      slot = jnp.arange(levels)[None, :] == (done - 1)[:, None]
+      codes = jnp.where(slot, last_tokens - 1 - (done[:, None] - 1) * k, state["codes"])
+      logp = jax.nn.log_softmax(self.logits(state["embedding"], codes), axis=-1)
+      logp = jnp.take_along_axis(logp, jnp.minimum(done, levels - 1)[:, None, None], 1)[:, 0]
+      # every level's slice of the vocabulary holds the current level's distribution
+      vocab = jnp.concatenate([jnp.zeros((logp.shape[0], 1)), jnp.tile(logp, (1, levels))], -1)
+      return vocab, {"embedding": state["embedding"], "codes": codes, "length": done + 1}
+
+    start = {"embedding": embedding, "codes": jnp.zeros((rows, levels), jnp.int32),
+             "length": jnp.zeros((rows,), jnp.int32)}
+    no_trie = Trie(children=-jnp.ones((1, k), jnp.int32), leaf_item=-jnp.ones((1,), jnp.int32))
+    _, tokens, scores = beam_search(step, start, rows, no_trie, offsets, (k,) * levels,
+                                    beam_size, constrained=False)
+    return tokens - jnp.asarray(offsets)[None, None, :], scores
+
+
+def select_identifiers(nll: jax.Array, count: jax.Array, selection: str = "min_loss",
+                       key: jax.Array | None = None) -> jax.Array:
+  """Each example's identifier among its target's candidates: nll [B, m] (the recommender's
+  loss of each candidate), count int [B] (candidates past it are padding). "min_loss": the
+  argmin over the valid candidates (no gradient through the choice); "random": uniform over
+  them (slot 0 without a key). Returns int32 [B]."""
+  if selection not in SELECTIONS:
+    raise ValueError(f"pit.selection must be one of {SELECTIONS}, got {selection!r}")
+  count = jnp.maximum(count, 1)
+  if selection == "random":
+    if key is None:
+      return jnp.zeros(count.shape, jnp.int32)
+    return jax.random.randint(key, count.shape, 0, count).astype(jnp.int32)
+  valid = jnp.arange(nll.shape[1])[None, :] < count[:, None]
+  return jnp.argmin(jnp.where(valid, jax.lax.stop_gradient(nll), jnp.inf), axis=1
+                    ).astype(jnp.int32)
+
+
+class Index(nnx.Module):
+  """The one-to-many index in the model state (not trained): every item's identifiers as GRM
+  tokens int32 [num_items, m, D] (slot 0 = the primary, 0 rows past the item's count) and the
+  counts int32 [num_items]."""
+
+  def __init__(self, token_sets: np.ndarray, count: np.ndarray):
+    self.token_sets = Identifiers(jnp.asarray(token_sets, jnp.int32))
+    self.count = Identifiers(jnp.asarray(count, jnp.int32))
+
+
+class PIT(nnx.Module):
+  """The four groups of the co-evolution stage: item embeddings (with the alignment's
+  attention), generator, recommender (T5) and index."""
+
+  def __init__(self, embeddings: ItemEmbeddings, generator: ItemToToken, recommender: T5,
+               index: Index):
+    self.embeddings, self.generator = embeddings, generator
+    self.recommender, self.index = recommender, index
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Forms of the co-evolution objective (`pit_loss`)."""
+
+  selection: str = "min_loss"
+  rec_reduction: str = "mean"  # L_rec over target tokens (`identifier_nll`)
+  code_offsets: tuple[int, ...] = ()  # GRM token of code 0 at each code level
+
+
+def pit_loss(model: PIT, batch: dict, key: jax.Array | None, context: dict, cfg: LossConfig
+             ) -> tuple[jax.Array, dict]:
+  """L_rec(selected) + L_gen(selected) + L_align of one batch (module docstring).
+
+  batch: `history` int32 [B, slots] and `target` int32 [B] item indices (-1 = padding /
+  filler), `weight` float [B]; context: `features` float [num_items, D_in] (text vectors).
+  Returns (loss, parts): `rec`, `generator`, `align` and `alternative_selected` (the fraction
+  of examples whose selected identifier is not their target's primary)."""
+  keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+  t5, index = model.recommender, model.index
+  token_sets, count = index.token_sets[...], index.count[...]
+  encoded, mask = t5.encode(identifier_inputs(batch["history"], token_sets[:, 0]), keys[0])
+  target = jnp.maximum(batch["target"], 0)
+  candidates = jnp.where(batch["target"][:, None, None] >= 0, token_sets[target], 0)
+  b, m, depth = candidates.shape
+  decoder_inputs = jnp.pad(candidates[..., :-1], ((0, 0), (0, 0), (1, 0))).reshape(b * m, depth)
+  logits = t5.decode(encoded, mask, decoder_inputs, keys[1])  # [B * m, D, V]
+  nll = identifier_nll(logits, candidates.reshape(b * m, depth), cfg.rec_reduction
+                       ).reshape(b, m)
+  choice = select_identifiers(nll, count[target], cfg.selection, keys[2])
+  weight = batch["weight"]
+  parts = {"rec": weighted_mean(jnp.take_along_axis(nll, choice[:, None], 1)[:, 0], weight)}
+  chosen = jnp.take_along_axis(candidates, choice[:, None, None], 1)[:, 0]  # [B, D]
+  levels = len(cfg.code_offsets)
+  codes = jnp.maximum(chosen[:, :levels] - jnp.asarray(cfg.code_offsets)[None, :], 0)
+  e_target = jax.lax.stop_gradient(model.embeddings(target, context["features"]))
+  gen_nll = -model.generator.code_log_probs(e_target, codes).mean(-1)
+  parts["generator"] = weighted_mean(gen_nll, weight)
+  parts["align"] = alignment_loss(model.embeddings, batch["history"], batch["target"], weight,
+                                  context["features"])
+  parts["alternative_selected"] = weighted_mean((choice > 0).astype(jnp.float32), weight)
+  return parts["rec"] + parts["generator"] + parts["align"], parts
+
+
+def warm_start_loss(model: PIT, batch: dict, key, context: dict) -> tuple[jax.Array, dict]:
+  """The generator's cross-entropy on the source codes of an item batch (`idx` int [B]);
+  context: `features`, `codes` int32 [num_items, L] (the RQ-VAE's)."""
+  del key
+  idx = batch["idx"]
+  e = jax.lax.stop_gradient(model.embeddings(idx, context["features"]))
+  return -model.generator.code_log_probs(e, context["codes"][idx]).mean(), {}
+
+
+def refresh_index(table: IdentifierTable, num_items: int, candidates: np.ndarray,
+                  candidate_scores: np.ndarray, scores: np.ndarray, max_identifiers: int
+                  ) -> tuple[IdentifierTable, dict]:
+  """The index after one refresh (module docstring), and its statistics.
+
+  Args:
+    table: the current index (several rows per item; every item owns at least one).
+    num_items: N.
+    candidates: int [N, C, L], generated code sequences per item; candidate_scores [N, C]
+      their generator log-probabilities (`beam_search`'s NEG_INF = none).
+    scores: [M] the generator log-probability of each current identifier's codes.
+    max_identifiers: m, the most identifiers an item keeps.
+
+  Returns:
+    The new table, rows grouped by item in descending score (an item's first row is its
+    primary), and stats: identifiers, identifiers_per_item, added, pruned, rejected (new
+    sequences whose code group had no free dedup digit), primary_change (fraction of items
+    whose primary changed).
+  """
+  levels, dedup_size = table.depth - 1, table.level_sizes[-1]
+  used: dict[tuple, set] = {}
+  for row in table.codes:
+    used.setdefault(tuple(row[:-1].tolist()), set()).add(int(row[-1]))
+  order = np.argsort(table.item, kind="stable")
+  bounds = np.searchsorted(table.item[order], np.arange(num_items + 1))
+  old_primary = table.item_tokens(num_items)
+  rows, owners, added, rejected = [], [], 0, 0
+  for item in range(num_items):
+    mine = order[bounds[item]:bounds[item + 1]]
+    pool = [(float(scores[r]), 0, tuple(table.codes[r, :levels].tolist()), int(table.codes[r, -1]))
+            for r in mine]
+    seen = {entry[2] for entry in pool}
+    for c in range(candidates.shape[1]):
+      codes = tuple(int(v) for v in candidates[item, c])
+      if candidate_scores[item, c] > NEG_INF / 2 and codes not in seen:
+        pool.append((float(candidate_scores[item, c]), 1, codes, -1))
+        seen.add(codes)
+    pool.sort(key=lambda entry: (-entry[0], entry[1]))  # best first; on ties, current first
+    kept = 0
+    for _, new, codes, digit in pool:
+      if kept == max_identifiers:
+        break
+      if new:
+        taken = used.setdefault(codes, set())
+        digit = next((d for d in range(dedup_size) if d not in taken), -1)
+        if digit < 0:
+          rejected += 1
+          continue
+        taken.add(digit)
+        added += 1
+      rows.append(codes + (digit,))
+      owners.append(item)
+      kept += 1
+  new = IdentifierTable(np.asarray(rows, np.int32), np.asarray(owners, np.int32),
+                        table.level_sizes)
+  primary = new.item_tokens(num_items)
+  stats = {"identifiers": len(rows), "identifiers_per_item": len(rows) / num_items,
+           "added": added, "pruned": len(table.codes) + added - len(rows),
+           "rejected": rejected,
+           "primary_change": float(np.any(primary != old_primary, axis=1).mean())}
+  return new, stats
+
+
+class CoEvolution:
+  """The co-evolution stage of one run: the model built from the source identifiers, the
+  generator's warm start, the training with the index refreshed on schedule, and ranking.
+
+  Args:
+    config: the run's config (`pit`, `grm`, `tokenizer` fields).
+    table: the source identifiers (the RQ-VAE's), one per item.
+    features: float [num_items, D_in], the item text vectors.
+    split: the leave-one-out split.
+    mesh: the device mesh.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, table: IdentifierTable,
+               features: np.ndarray, split, mesh):
+    p = self.settings = config.pit
+    self.config, self.split, self.mesh = config, split, mesh
+    self.num_items = split.num_items
+    self.level_sizes, self.offsets = tuple(table.level_sizes), table.offsets
+    self.levels = table.depth - 1
+    self.source_codes = table.item_tokens(self.num_items)[:, :-1] - self.offsets[None, :-1]
+    self.grm_cfg = grm_cfg = stages.grm_train_config(config)
+    rngs = nnx.Rngs(config.seed)
+    g = p.generator
+    generator_cfg = T5Config(vocab_size=0, d_model=g.d_model, d_ff=g.d_ff,
+                             num_heads=g.num_heads, d_kv=g.d_model // g.num_heads,
+                             num_encoder_layers=g.num_layers, num_decoder_layers=0,
+                             dropout_rate=0.0)
+    token_sets, count = table.item_token_sets(self.num_items, width=p.max_identifiers)
+    model = PIT(ItemEmbeddings(self.num_items, features.shape[1], p.embedding_dim, rngs=rngs),
+                ItemToToken(p.embedding_dim, self.levels, table.level_sizes[0], generator_cfg,
+                            rngs=rngs),
+                T5(stages.grm_model_config(config, table.vocab_size), rngs=rngs),
+                Index(token_sets, count))
+    self.objective = LossConfig(selection=p.selection, rec_reduction=grm_cfg.loss_reduction,
+                                code_offsets=tuple(int(o) for o in table.offsets[:-1]))
+    generator_optimizer = (make_optimizer(p.generator_lr, p.weight_decay, 0, p.grad_clip)
+                           if p.train_generator else optax.set_to_zero())
+    self.trainer = Trainer(
+        model, functools.partial(pit_loss, cfg=self.objective),
+        {EMBEDDINGS: make_optimizer(p.embedding_lr, p.weight_decay, 0, p.grad_clip),
+         GENERATOR: generator_optimizer,
+         RECOMMENDER: make_optimizer(grm_cfg.learning_rate, grm_cfg.weight_decay,
+                                     grm_cfg.warmup_steps, grm_cfg.grad_clip),
+         INDEX: optax.set_to_zero()}, mesh)
+    self.context = {"features": jnp.asarray(features, jnp.float32)}
+    self._embed = jax.jit(lambda params, items, features: self.trainer.merge(params).embeddings(
+        items, features))
+    self._generate = jax.jit(lambda params, e, beam: self.trainer.merge(params).generator
+                             .generate(e, beam), static_argnums=2)
+    self._score = jax.jit(lambda params, e, codes: self.trainer.merge(params).generator
+                          .code_log_probs(e, codes).sum(-1))
+    self._rank = jax.jit(self._rank_batch, static_argnames=(
+        "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
+
+  def warm_start(self, checkpoint_dir: str) -> tuple[dict, dict]:
+    """Trains the generator on the source codes at the initial embeddings
+    (`pit.warmstart_steps` batches of `pit.warmstart_batch_size` items, AdamW at
+    `pit.generator_lr`), once: a rerun restores it. Returns the starting parameters of the
+    co-evolution stage and the statistics: the fraction of items whose best generated
+    sequence is their source identifier (`reproduced`), and whose `pit.candidates` beams hold
+    it (`reproduced_in_beam`)."""
+    p = self.settings
+    trainer = Trainer(self.trainer.merge(self.trainer.init_params), warm_start_loss,
+                      {EMBEDDINGS: optax.set_to_zero(),
+                       GENERATOR: make_optimizer(p.generator_lr, 0.0, 0, p.grad_clip),
+                       RECOMMENDER: optax.set_to_zero(), INDEX: optax.set_to_zero()},
+                      self.mesh)
+    context = replicate({**self.context, "codes": jnp.asarray(self.source_codes)}, self.mesh)
+    key = jax.random.key(self.config.seed)
+
+    def run():
+      def train_step(params, opt_state, batch, i):
+        return trainer.item_update(params, opt_state, batch, i, key, context,
+                                   trainable=(GENERATOR,))
+
+      params, stats = loop.fit_steps(
+          name="pit_warm_start", params=trainer.init_params,
+          opt_state=trainer.init_opt_state(trainer.init_params), train_step=train_step,
+          batches=item_batches(self.num_items, p.warmstart_batch_size, self.config.seed),
+          steps=p.warmstart_steps, log_every=max(1, p.warmstart_steps // 5))
+      codes, _ = self.generate(params, 1)
+      in_beam, _ = self.generate(params, p.candidates)
+      source = self.source_codes
+      stats.update(reproduced=float(np.all(codes[:, 0] == source, axis=1).mean()),
+                   reproduced_in_beam=float(np.any(np.all(in_beam == source[:, None], -1),
+                                                   axis=1).mean()))
+      logging.info("[pit] warm start: the generator reproduces %.1f %% of the source "
+                   "identifiers (%.1f %% within %d beams)", 100 * stats["reproduced"],
+                   100 * stats["reproduced_in_beam"], p.candidates)
+      return {GENERATOR: params[GENERATOR]}, stats
+
+    items, stats = restore_or_run(checkpoint_dir, {GENERATOR: self.trainer.init_params[GENERATOR]},
+                                  run)
+    params = {**self.trainer.init_params, GENERATOR: replicate(items[GENERATOR], self.mesh)}
+    return jax.tree.map(jnp.copy, params), stats
+
+  def embeddings(self, params) -> jax.Array:
+    """Every item's embedding [num_items, E]."""
+    return self._embed(params, jnp.arange(self.num_items), self.context["features"])
+
+  def generate(self, params, beam: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The generator's top `beam` code sequences of every item: int [N, beam, L], scores."""
+    e = self.embeddings(params)
+    outs = [self._generate(params, e[i:i + batch], beam) for i in range(0, self.num_items, batch)]
+    return (np.concatenate([np.asarray(o[0]) for o in outs]),
+            np.concatenate([np.asarray(o[1]) for o in outs]))
+
+  def table(self, params) -> IdentifierTable:
+    """The index held in the parameters: every item's identifiers, primary first."""
+    index = params[INDEX][INDEX]
+    tokens = np.asarray(jax.device_get(index["token_sets"][...]))
+    count = np.asarray(jax.device_get(index["count"][...]))
+    valid = np.arange(tokens.shape[1])[None, :] < count[:, None]
+    item = np.broadcast_to(np.arange(self.num_items)[:, None], valid.shape)[valid]
+    return IdentifierTable(tokens[valid] - self.offsets[None, :], item.astype(np.int32),
+                           self.level_sizes)
+
+  def refresh(self, epoch: int, params) -> tuple[dict, dict]:
+    """After every `pit.index_every` epochs: the generator's candidates, the pruned and
+    extended index (`refresh_index`) written into the parameters, and its statistics."""
+    p = self.settings
+    if (epoch + 1) % p.index_every:
+      return params, {}
+    t0 = time.time()
+    table = self.table(params)
+    candidates, candidate_scores = self.generate(params, p.candidates)
+    e = self.embeddings(params)
+    scores = np.concatenate([
+        np.asarray(self._score(params, e[table.item[i:i + 4096]],
+                               jnp.asarray(table.codes[i:i + 4096, :-1])))
+        for i in range(0, len(table.codes), 4096)])
+    new, stats = refresh_index(table, self.num_items, candidates, candidate_scores, scores,
+                               p.max_identifiers)
+    stats["generator_top_in_index"] = float(np.mean([
+        tuple(candidates[i, 0]) in {tuple(r) for r in rows}
+        for i, rows in enumerate(_codes_by_item(new, self.num_items))]))
+    token_sets, count = new.item_token_sets(self.num_items, width=p.max_identifiers)
+    model = self.trainer.merge(params)
+    model.index.token_sets[...] = jnp.asarray(token_sets)
+    model.index.count[...] = jnp.asarray(count)
+    params = {**params, INDEX: replicate(nnx.state(model, lambda path, _: path[0] == INDEX),
+                                         self.mesh)}
+    logging.info("[pit] epoch %d index: %d identifiers (%.2f per item), %d added, %d pruned, "
+                 "%d rejected, primary changed for %.1f %% of items (%.1fs)", epoch + 1,
+                 stats["identifiers"], stats["identifiers_per_item"], stats["added"],
+                 stats["pruned"], stats["rejected"], 100 * stats["primary_change"],
+                 time.time() - t0)
+    return params, stats
+
+  def epoch_batches(self, epoch: int):
+    cfg = self.grm_cfg
+    return sharded_training_batches(
+        self.split.train, cfg.batch_size, cfg.length_buckets, self.mesh, seed=self.config.seed,
+        epoch=epoch, grouping=cfg.batch_grouping, steps_per_dispatch=cfg.steps_per_dispatch)
+
+  def _rank_batch(self, params, history, trie, **static):
+    model = self.trainer.merge(params)
+    t5 = model.recommender
+    encoded, mask = t5.encode(identifier_inputs(history, model.index.token_sets[...][:, 0]))
+    return beam_rank(t5, encoded, mask, trie, **static)
+
+  def rank(self, params, samples, constrained: bool | None = None) -> np.ndarray:
+    """Ranked distinct items int32 [S, beam] of every sample (-1 = none): beam search over
+    every identifier of the index, each item at its best identifier's rank."""
+    table = self.table(params)
+    static = ranking_options(table, self.grm_cfg, constrained=constrained)
+    # one trie shape whatever the index holds: capacity for m identifiers per item
+    trie = device_trie(table, self.num_items * self.settings.max_identifiers, self.mesh)
+    return rank_samples(lambda history: self._rank(params, history, trie, **static)[0],
+                        samples, self.grm_cfg.eval_batch_size, self.grm_cfg.length_buckets,
+                        static["beam_size"], self.mesh)
+
+  def evaluate(self, params, samples, constrained: bool | None = None) -> dict:
+    """Recall/NDCG@{5,10,20} of `rank` against the samples' targets."""
+    t0 = time.time()
+    return beam_metrics(self.rank(params, samples, constrained), samples, time.time() - t0)
+
+  def fit(self, params, selection, checkpoint_dir: str,
+          interrupt_after_epoch: int | None = None):
+    """The co-evolution stage from `params` (the warm start) with model selection on
+    `selection` (grm.* epochs, evaluation period, patience): (best parameters, loop state)."""
+    return self.trainer.fit(
+        name="pit", epoch_batches=self.epoch_batches,
+        evaluate=lambda params: self.evaluate(params, selection),
+        loop_cfg=self.grm_cfg.loop, checkpoint_dir=checkpoint_dir, params=params,
+        context=self.context, trainable=(EMBEDDINGS, GENERATOR, RECOMMENDER),
+        after_epoch=self.refresh, interrupt_after_epoch=interrupt_after_epoch)
+
+
+def _codes_by_item(table: IdentifierTable, num_items: int) -> list[np.ndarray]:
+  """Each item's identifiers' L codes, [count_i, L] per item."""
+  order = np.argsort(table.item, kind="stable")
+  bounds = np.searchsorted(table.item[order], np.arange(num_items + 1))
+  return [table.codes[order[bounds[i]:bounds[i + 1]], :-1] for i in range(num_items)]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Data, the RQ-VAE (source identifiers), the generator's warm start, co-evolution, the
+  test metrics of the final index."""
+  mesh = stages.start_run(config, workdir)
+  timer = stages.Timer()
+  inter, split, results = stages.static_data(config, workdir)
+  timer.lap("data")
+  table, results["tokenizer"], _, features = stages.item_tokenizer(config, inter, workdir,
+                                                                   None, timer)
+  stage = CoEvolution(config, table, features, split, mesh)
+  params, results["warm_start"] = stage.warm_start(
+      os.path.join(workdir, "checkpoints", "warm_start"))
+  timer.lap("warm_start")
+  selection = subsample(split.valid, config.grm.valid_users, config.seed)
+  params, state = stage.fit(params, selection, os.path.join(workdir, "checkpoints", "pit"))
+  timer.lap("grm_train")
+  final = stage.table(params)
+  write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), final, inter.item_ids)
+  results["index"] = {"identifiers": len(final.codes),
+                      "identifiers_per_item": len(final.codes) / split.num_items,
+                      "items_with_several": float(np.mean(
+                          np.bincount(final.item, minlength=split.num_items) > 1)),
+                      "duplicates": final.duplicates()}
+  results["metrics"] = {"valid": stage.evaluate(params, selection),
+                        "valid_users": len(selection),
+                        "test": stage.evaluate(params, split.test),
+                        "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"] + 1}
+  results["grm_history"] = state["history"]
+  timer.lap("grm_eval")
+  logging.info("[pit] test %s", stages.fmt(results["metrics"]["test"]))
+  return stages.finish(results, timer, workdir)
