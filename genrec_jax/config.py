@@ -241,6 +241,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pit.selection = "min_loss"  # Each example's identifier: "min_loss" (user-guided minimum
   #   loss) | "random" (uniform over the target's identifiers: the ablation).
   c.pit.index_every = 1  # Epochs between index refreshes (prune weak, add generated).
+  c.pit.prune_share = 0.1  # An identifier stays while it takes at least this share of its
+  #   item's selections between refreshes.
   c.pit.train_generator = True  # False: the generator stays at its warm start (ablation).
   c.pit.embedding_dim = 64  # Item embedding size (text projection + free vector).
   c.pit.embedding_lr = 1e-3  # AdamW of the item embeddings and the alignment's attention.
@@ -397,6 +399,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.method == "pit" and p.generator.d_model % p.generator.num_heads:
     raise ConfigError(f"pit.generator.d_model={p.generator.d_model} must be a multiple of "
                       f"pit.generator.num_heads={p.generator.num_heads}")
+  if config.method == "pit" and not 0 <= p.prune_share <= 1:
+    raise ConfigError(f"pit.prune_share={p.prune_share} must lie in [0, 1]")
   if config.method == "pit" and tok.kind != "rqvae":
     raise ConfigError(f"method=pit warm-starts its generator from the RQ-VAE's identifiers: "
                       f"set tokenizer.kind='rqvae' (got {tok.kind!r})")

@@ -85,7 +85,7 @@ def test_alignment_equals_a_numpy_transcription():
        + np.asarray(emb.free[...]))
   history, target = np.asarray(batch["history"]), np.asarray(batch["target"])
   weight = np.asarray(batch["weight"])
-  nll, rows = [], []
+  nll = []
   for b in range(4):
     if weight[b] == 0:
       continue
@@ -113,49 +113,57 @@ def test_alignment_moves_the_candidates_not_the_history():
   assert free[2] > 0 and free[4] > 0 and free[1] == 0 and free[3] == 0
 
 
-def test_refresh_on_a_hand_case_prunes_adds_and_keeps_identifiers_unique():
-  table = IdentifierTable(np.array([[0, 0, 0], [1, 1, 0]], np.int32), np.array([0, 1], np.int32),
-                          (2, 2, 2))
-  candidates = np.array([[[1, 1], [0, 0]], [[0, 0], [0, 1]]])
-  candidate_scores = np.array([[-0.5, -1.0], [-0.1, -5.0]])
-  new, stats = pit.refresh_index(table, 2, candidates, candidate_scores,
-                                 np.array([-1.0, -3.0]), max_identifiers=2)
-  # item 0: (1,1) is new and better: digit 1, since item 1 holds (1,1|0); then its (0,0|0).
-  # item 1: (0,0) new and best, digit 1; then its own (1,1|0); (0,1) is pruned (m = 2).
-  np.testing.assert_array_equal(new.codes, [[1, 1, 1], [0, 0, 0], [0, 0, 1], [1, 1, 0]])
+def test_refresh_on_a_hand_case_prunes_reorders_adds_and_keeps_identifiers_unique():
+  table = IdentifierTable(np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0]], np.int32),
+                          np.array([0, 0, 1], np.int32), (2, 2, 2))
+  usage = np.array([1.0, 9.0, 0.0])  # item 0 mostly selects its second identifier
+  candidates = np.array([[[1, 0], [1, 1]], [[1, 1], [0, 0]]])
+  scores = np.array([[-0.1, -0.5], [-0.2, -0.3]])
+  new, stats = pit.refresh_index(table, 2, usage, candidates, scores, max_identifiers=2,
+                                 prune_share=0.2)
+  # item 0: (0,0|0) took 10 % < 20 %: pruned; (1,0|0) is the primary; the free slot takes
+  #   (1,1), digit 1 since item 1 holds (1,1|0). item 1 (never selected) keeps (1,1|0); its
+  #   free slot takes (0,0) with digit 1: the digit item 0 just gave up is not passed on.
+  np.testing.assert_array_equal(new.codes, [[1, 0, 0], [1, 1, 1], [1, 1, 0], [0, 0, 1]])
   np.testing.assert_array_equal(new.item, [0, 0, 1, 1])
-  assert stats["added"] == 2 and stats["pruned"] == 0 and stats["primary_change"] == 1.0
+  assert (stats["added"], stats["pruned"], stats["rejected"]) == (2, 1, 0)
+  assert stats["primary_change"] == 0.5
+  kept, _ = pit.refresh_index(table, 2, usage, candidates, scores, 2, prune_share=0.1)
+  np.testing.assert_array_equal(kept.codes[:2], [[1, 0, 0], [0, 0, 0]])  # 10 % stays
 
 
 def test_refresh_never_maps_an_identifier_to_two_items_brute_force():
   rng = np.random.default_rng(0)
-  levels, k, dedup, n, m = 2, 2, 3, 10, 3
+  levels, k, dedup, n, m, share = 2, 2, 3, 10, 3, 0.25
   codes = np.array(list(itertools.product(range(k), repeat=levels)))[np.arange(n) % 4]
   table = IdentifierTable(assign_dedup(codes, dedup), np.arange(n, dtype=np.int32),
                           (k,) * levels + (dedup,))
-  rejected = 0
+  rejected = pruned = 0
   for _ in range(30):
-    candidates = rng.integers(0, k, (n, 4, levels))
-    scores = rng.normal(size=len(table.codes))
-    new, stats = pit.refresh_index(table, n, candidates, rng.normal(size=(n, 4)), scores, m)
+    usage = rng.integers(0, 5, len(table.codes)) * (rng.random(len(table.codes)) < 0.7)
+    new, stats = pit.refresh_index(table, n, usage.astype(float),
+                                   rng.integers(0, k, (n, 4, levels)), rng.normal(size=(n, 4)),
+                                   m, share)
     assert new.duplicates() == 0  # no identifier denotes two items (or one item twice)
     count = np.bincount(new.item, minlength=n)
     assert count.min() >= 1 and count.max() <= m
-    # every kept current identifier is unchanged, digit included, and no kept identifier of
-    # an item is worse than a pruned current one of the same item
-    old = {tuple(r): (i, s) for r, i, s in zip(table.codes.tolist(), table.item, scores)}
-    kept = {tuple(r) for r in new.codes.tolist()}
+    old = {tuple(r): (i, u) for r, i, u in zip(table.codes.tolist(), table.item, usage)}
+    rows = [tuple(r) for r in new.codes.tolist()]
     for item in range(n):
-      mine = [(s, r) for r, (i, s) in old.items() if i == item]
-      pruned = [s for s, r in mine if r not in kept]
-      if pruned:
-        assert count[item] == m
-    for row, item in zip(new.codes.tolist(), new.item):
-      if tuple(row) in old:
-        assert old[tuple(row)][0] == item
+      mine = {r: u for r, (i, u) in old.items() if i == item}
+      total = sum(mine.values())
+      kept = [r for r, i in zip(rows, new.item) if i == item and r in mine]
+      best = max(mine, key=mine.get)  # the first most selected, in slot order
+      for r, u in mine.items():  # brute force of the pruning rule
+        assert (r in kept) == (total == 0 or u >= share * total or r == best)
+      if total > 0:
+        assert rows[list(new.item).index(item)] == best  # the primary
+    for row, item in zip(rows, new.item):
+      assert row not in old or old[row][0] == item  # no identifier passes to another item
     rejected += stats["rejected"]
+    pruned += stats["pruned"]
     table = new
-  assert rejected > 0  # the full groups were exercised (4 code sequences, 3 digits each)
+  assert rejected > 0 and pruned > 0  # full groups (4 code sequences, 3 digits each) and pruning
 
 
 def test_ranking_returns_distinct_items_in_the_order_of_their_best_identifier(tmp_path):

@@ -33,18 +33,22 @@ disjoint parameter groups (T5; generator; embeddings and attention), so their re
 would not matter under Adam and there are none. The encoder reads each history item through
 its primary identifier (slot 0: the one the generator scores highest).
 
-**One-to-many beam index** (`refresh_index`, after every `pit.index_every` epochs): the
-generator beam-generates `pit.candidates` code sequences per item; every item's pool is its
-current identifiers plus the new sequences, scored by the generator's log-probability, and its
-best m are kept (weak ones pruned, new ones added). A new sequence takes the smallest dedup
-digit that no identifier of the index (of any item) uses with the same codes, so no identifier
-maps to two items; a sequence whose group is full is skipped. The generator is trained on the
-selections, so its scores follow what users select: an identifier that stops being selected
-loses probability and is pruned. Decoding runs trie-constrained beam search over every
-identifier of the index and keeps each item's best-ranked identifier (`distinct_items`).
+**One-to-many beam index** (`Index`, `refresh_index`). The candidates of minimum-loss
+selection are the target's identifiers in the index, fixed between two refreshes, so that
+each carries the dedup digit the recommender predicts (the abstract has the generator propose
+the candidates: here its proposals enter the index at a refresh and are selected among from
+then on). The train step counts each identifier's selections. A refresh (after every
+`pit.index_every` epochs) prunes the weak identifiers, those that took less than
+`pit.prune_share` of their item's selections since the last refresh; the most selected
+becomes the primary; free slots take the generator's best new sequences (`pit.candidates`
+beams), each with the smallest dedup digit that no identifier of the index uses with the same
+codes, so no identifier maps to two items. Decoding runs trie-constrained beam search over
+every identifier of the index and keeps each item's best-ranked identifier (`distinct_items`).
+With m = 1 nothing is pruned or added: the identifiers stay the source ones.
 
 Settings the sources do not give (ours): m = 3 identifiers per item, 8 generated candidates per
-item per refresh, a refresh after every epoch, the generator's size (2 blocks, d 128), the
+item per refresh, a refresh after every epoch, pruning below 10 % of the item's selections,
+the generator's size (2 blocks, d 128), the
 embedding size 64 and the learning rates (`pit` config fields). The reported offline numbers
 were measured with the item-to-token model frozen (METHODS.md); `pit.train_generator=False`
 freezes it here, an ablation, while the default trains it (the co-evolution the paper names).
@@ -210,14 +214,20 @@ def select_identifiers(nll: jax.Array, count: jax.Array, selection: str = "min_l
                     ).astype(jnp.int32)
 
 
+class SelectionCounts(nnx.Variable):
+  """How often each identifier of the index was selected since the last refresh, float32
+  [num_items, m]: written by the train step (`Trainer(written=...)`), never trained."""
+
+
 class Index(nnx.Module):
   """The one-to-many index in the model state (not trained): every item's identifiers as GRM
-  tokens int32 [num_items, m, D] (slot 0 = the primary, 0 rows past the item's count) and the
-  counts int32 [num_items]."""
+  tokens int32 [num_items, m, D] (slot 0 = the primary, 0 rows past the item's count), the
+  counts int32 [num_items] and the selections of each slot since the last refresh."""
 
   def __init__(self, token_sets: np.ndarray, count: np.ndarray):
     self.token_sets = Identifiers(jnp.asarray(token_sets, jnp.int32))
     self.count = Identifiers(jnp.asarray(count, jnp.int32))
+    self.usage = SelectionCounts(jnp.zeros(token_sets.shape[:2], jnp.float32))
 
 
 class PIT(nnx.Module):
@@ -246,7 +256,8 @@ def pit_loss(model: PIT, batch: dict, key: jax.Array | None, context: dict, cfg:
   batch: `history` int32 [B, slots] and `target` int32 [B] item indices (-1 = padding /
   filler), `weight` float [B]; context: `features` float [num_items, D_in] (text vectors).
   Returns (loss, parts): `rec`, `generator`, `align` and `alternative_selected` (the fraction
-  of examples whose selected identifier is not their target's primary)."""
+  of examples whose selected identifier is not their target's primary). Adds each example's
+  weight to its selected identifier's count in the index (`Index.usage`)."""
   keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
   t5, index = model.recommender, model.index
   token_sets, count = index.token_sets[...], index.count[...]
@@ -270,6 +281,7 @@ def pit_loss(model: PIT, batch: dict, key: jax.Array | None, context: dict, cfg:
   parts["align"] = alignment_loss(model.embeddings, batch["history"], batch["target"], weight,
                                   context["features"])
   parts["alternative_selected"] = weighted_mean((choice > 0).astype(jnp.float32), weight)
+  index.usage[...] = index.usage[...].at[target, choice].add(weight)  # read at the refresh
   return parts["rec"] + parts["generator"] + parts["align"], parts
 
 
@@ -282,66 +294,77 @@ def warm_start_loss(model: PIT, batch: dict, key, context: dict) -> tuple[jax.Ar
   return -model.generator.code_log_probs(e, context["codes"][idx]).mean(), {}
 
 
-def refresh_index(table: IdentifierTable, num_items: int, candidates: np.ndarray,
-                  candidate_scores: np.ndarray, scores: np.ndarray, max_identifiers: int
-                  ) -> tuple[IdentifierTable, dict]:
+def refresh_index(table: IdentifierTable, num_items: int, usage: np.ndarray,
+                  candidates: np.ndarray, candidate_scores: np.ndarray, max_identifiers: int,
+                  prune_share: float) -> tuple[IdentifierTable, dict]:
   """The index after one refresh (module docstring), and its statistics.
 
+  An item that was selected since the last refresh keeps its identifiers that took at least
+  `prune_share` of its selections (its most selected one always), most selected first (the
+  primary); an item that was not keeps them all, in order. Free slots, up to m, take the
+  generator's best sequences that none of the item's identifiers has, each with the smallest
+  dedup digit no identifier of the index uses with the same codes (identifiers pruned in this
+  refresh included, so that none passes to another item at once); a sequence whose group has
+  no free digit is skipped.
+
   Args:
-    table: the current index (several rows per item; every item owns at least one).
+    table: the current index, rows grouped by item in slot order (the primary first); every
+      item owns at least one.
     num_items: N.
-    candidates: int [N, C, L], generated code sequences per item; candidate_scores [N, C]
-      their generator log-probabilities (`beam_search`'s NEG_INF = none).
-    scores: [M] the generator log-probability of each current identifier's codes.
+    usage: float [M], each row's selections since the last refresh.
+    candidates: int [N, C, L], generated code sequences per item, best first;
+      candidate_scores [N, C] their generator log-probabilities (`beam_search`'s NEG_INF =
+      none).
     max_identifiers: m, the most identifiers an item keeps.
+    prune_share: the smallest share of its item's selections an identifier needs to stay.
 
   Returns:
-    The new table, rows grouped by item in descending score (an item's first row is its
-    primary), and stats: identifiers, identifiers_per_item, added, pruned, rejected (new
-    sequences whose code group had no free dedup digit), primary_change (fraction of items
-    whose primary changed).
+    The new table, rows grouped by item in slot order, and stats: identifiers,
+    identifiers_per_item, added, pruned, rejected (sequences skipped for a full group),
+    primary_change (fraction of items whose primary changed).
   """
   levels, dedup_size = table.depth - 1, table.level_sizes[-1]
   used: dict[tuple, set] = {}
-  for row in table.codes:
-    used.setdefault(tuple(row[:-1].tolist()), set()).add(int(row[-1]))
+  for row in table.codes.tolist():
+    used.setdefault(tuple(row[:-1]), set()).add(row[-1])
   order = np.argsort(table.item, kind="stable")
   bounds = np.searchsorted(table.item[order], np.arange(num_items + 1))
-  old_primary = table.item_tokens(num_items)
-  rows, owners, added, rejected = [], [], 0, 0
+  rows, owners, added, pruned, rejected = [], [], 0, 0, 0
   for item in range(num_items):
     mine = order[bounds[item]:bounds[item + 1]]
-    pool = [(float(scores[r]), 0, tuple(table.codes[r, :levels].tolist()), int(table.codes[r, -1]))
-            for r in mine]
-    seen = {entry[2] for entry in pool}
-    for c in range(candidates.shape[1]):
-      codes = tuple(int(v) for v in candidates[item, c])
-      if candidate_scores[item, c] > NEG_INF / 2 and codes not in seen:
-        pool.append((float(candidate_scores[item, c]), 1, codes, -1))
-        seen.add(codes)
-    pool.sort(key=lambda entry: (-entry[0], entry[1]))  # best first; on ties, current first
-    kept = 0
-    for _, new, codes, digit in pool:
+    total = usage[mine].sum()
+    keep = list(mine)
+    if total > 0:
+      best = mine[np.argmax(usage[mine])]
+      keep = [r for r in mine if usage[r] >= prune_share * total or r == best]
+      keep.sort(key=lambda r: -usage[r])  # stable: slot order among equals
+    pruned += len(mine) - len(keep)
+    rows += [tuple(row) for row in table.codes[keep].tolist()]
+    present = {tuple(row[:-1]) for row in table.codes[mine].tolist()}
+    kept = len(keep)
+    for codes, score in zip(candidates[item].tolist(), candidate_scores[item]):
+      codes = tuple(codes)
       if kept == max_identifiers:
         break
-      if new:
-        taken = used.setdefault(codes, set())
-        digit = next((d for d in range(dedup_size) if d not in taken), -1)
-        if digit < 0:
-          rejected += 1
-          continue
-        taken.add(digit)
-        added += 1
+      if score <= NEG_INF / 2 or codes in present:
+        continue
+      present.add(codes)
+      taken = used.setdefault(codes, set())
+      digit = next((d for d in range(dedup_size) if d not in taken), -1)
+      if digit < 0:
+        rejected += 1
+        continue
+      taken.add(digit)
       rows.append(codes + (digit,))
-      owners.append(item)
+      added += 1
       kept += 1
-  new = IdentifierTable(np.asarray(rows, np.int32), np.asarray(owners, np.int32),
-                        table.level_sizes)
-  primary = new.item_tokens(num_items)
+    owners += [item] * kept
+  new = IdentifierTable(np.asarray(rows, np.int32).reshape(-1, levels + 1),
+                        np.asarray(owners, np.int32), table.level_sizes)
   stats = {"identifiers": len(rows), "identifiers_per_item": len(rows) / num_items,
-           "added": added, "pruned": len(table.codes) + added - len(rows),
-           "rejected": rejected,
-           "primary_change": float(np.any(primary != old_primary, axis=1).mean())}
+           "added": added, "pruned": pruned, "rejected": rejected,
+           "primary_change": float(np.any(new.item_tokens(num_items)
+                                          != table.item_tokens(num_items), axis=1).mean())}
   return new, stats
 
 
@@ -388,14 +411,12 @@ class CoEvolution:
          GENERATOR: generator_optimizer,
          RECOMMENDER: make_optimizer(grm_cfg.learning_rate, grm_cfg.weight_decay,
                                      grm_cfg.warmup_steps, grm_cfg.grad_clip),
-         INDEX: optax.set_to_zero()}, mesh)
+         INDEX: optax.set_to_zero()}, mesh, written=(INDEX,))
     self.context = {"features": jnp.asarray(features, jnp.float32)}
     self._embed = jax.jit(lambda params, items, features: self.trainer.merge(params).embeddings(
         items, features))
     self._generate = jax.jit(lambda params, e, beam: self.trainer.merge(params).generator
                              .generate(e, beam), static_argnums=2)
-    self._score = jax.jit(lambda params, e, codes: self.trainer.merge(params).generator
-                          .code_log_probs(e, codes).sum(-1))
     self._rank = jax.jit(self._rank_batch, static_argnames=(
         "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
 
@@ -454,30 +475,30 @@ class CoEvolution:
 
   def table(self, params) -> IdentifierTable:
     """The index held in the parameters: every item's identifiers, primary first."""
-    index = params[INDEX][INDEX]
-    tokens = np.asarray(jax.device_get(index["token_sets"][...]))
-    count = np.asarray(jax.device_get(index["count"][...]))
+    return self.index_rows(params)[0]
+
+  def index_rows(self, params) -> tuple[IdentifierTable, np.ndarray]:
+    """The index's table (rows grouped by item in slot order) and each row's selections
+    since the last refresh, float [M]."""
+    index = jax.device_get(params[INDEX][INDEX])
+    tokens, count = np.asarray(index["token_sets"][...]), np.asarray(index["count"][...])
     valid = np.arange(tokens.shape[1])[None, :] < count[:, None]
     item = np.broadcast_to(np.arange(self.num_items)[:, None], valid.shape)[valid]
-    return IdentifierTable(tokens[valid] - self.offsets[None, :], item.astype(np.int32),
-                           self.level_sizes)
+    return (IdentifierTable(tokens[valid] - self.offsets[None, :], item.astype(np.int32),
+                            self.level_sizes), np.asarray(index["usage"][...])[valid])
 
   def refresh(self, epoch: int, params) -> tuple[dict, dict]:
-    """After every `pit.index_every` epochs: the generator's candidates, the pruned and
-    extended index (`refresh_index`) written into the parameters, and its statistics."""
+    """After every `pit.index_every` epochs: the pruned and extended index (`refresh_index`:
+    the selections since the last refresh and the generator's candidates) written into the
+    parameters with the selection counts reset, and its statistics."""
     p = self.settings
     if (epoch + 1) % p.index_every:
       return params, {}
     t0 = time.time()
-    table = self.table(params)
+    table, usage = self.index_rows(params)
     candidates, candidate_scores = self.generate(params, p.candidates)
-    e = self.embeddings(params)
-    scores = np.concatenate([
-        np.asarray(self._score(params, e[table.item[i:i + 4096]],
-                               jnp.asarray(table.codes[i:i + 4096, :-1])))
-        for i in range(0, len(table.codes), 4096)])
-    new, stats = refresh_index(table, self.num_items, candidates, candidate_scores, scores,
-                               p.max_identifiers)
+    new, stats = refresh_index(table, self.num_items, usage, candidates, candidate_scores,
+                               p.max_identifiers, p.prune_share)
     stats["generator_top_in_index"] = float(np.mean([
         tuple(candidates[i, 0]) in {tuple(r) for r in rows}
         for i, rows in enumerate(_codes_by_item(new, self.num_items))]))
@@ -485,13 +506,15 @@ class CoEvolution:
     model = self.trainer.merge(params)
     model.index.token_sets[...] = jnp.asarray(token_sets)
     model.index.count[...] = jnp.asarray(count)
+    model.index.usage[...] = jnp.zeros_like(model.index.usage[...])
     params = {**params, INDEX: replicate(nnx.state(model, lambda path, _: path[0] == INDEX),
                                          self.mesh)}
     logging.info("[pit] epoch %d index: %d identifiers (%.2f per item), %d added, %d pruned, "
-                 "%d rejected, primary changed for %.1f %% of items (%.1fs)", epoch + 1,
-                 stats["identifiers"], stats["identifiers_per_item"], stats["added"],
-                 stats["pruned"], stats["rejected"], 100 * stats["primary_change"],
-                 time.time() - t0)
+                 "%d rejected, primary changed for %.1f %% of items, the generator's best in "
+                 "the index for %.1f %% (%.1fs)", epoch + 1, stats["identifiers"],
+                 stats["identifiers_per_item"], stats["added"], stats["pruned"],
+                 stats["rejected"], 100 * stats["primary_change"],
+                 100 * stats["generator_top_in_index"], time.time() - t0)
     return params, stats
 
   def epoch_batches(self, epoch: int):

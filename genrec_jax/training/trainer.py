@@ -54,14 +54,21 @@ class Trainer:
     optimizers: one optax transformation (the whole model is the group "model"), or a mapping
       from top-level attribute name to transformation; every variable must belong to a group.
     mesh: the device mesh; parameters and optimizer state are replicated on it.
+    written: groups whose variables the objective may assign (statistics gathered while
+      training, e.g. how often each identifier is selected): a step keeps the values the
+      objective leaves there. They must not be trainable in the same step.
   """
 
   def __init__(self, model: nnx.Module, loss_fn: LossFn,
-               optimizers: optax.GradientTransformation | Mapping[str, Any], mesh):
+               optimizers: optax.GradientTransformation | Mapping[str, Any], mesh,
+               written: tuple[str, ...] = ()):
     if not isinstance(optimizers, Mapping):
       optimizers = {MODEL_GROUP: optimizers}
     self.optimizers = dict(optimizers)
     self.groups = tuple(self.optimizers)
+    if set(written) - set(self.groups):
+      raise ValueError(f"written groups {written} must be parameter groups {self.groups}")
+    self.written = tuple(written)
     self.loss_fn, self.mesh = loss_fn, mesh
     if self.groups == (MODEL_GROUP,):
       self.graphdef, state = nnx.split(model)
@@ -173,12 +180,18 @@ class Trainer:
                             trainable=self.check_trainable(trainable))
 
   def _train_step(self, params, opt_state, batch, key, context, *, trainable):
-    def objective(trained):
-      return self.loss_fn(self.merge({**params, **trained}), batch, key, context)
+    if set(trainable) & set(self.written):
+      raise ValueError(f"groups {self.written} are written by the objective and cannot be "
+                       f"trained")
 
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+    def objective(trained):
+      model = self.merge({**params, **trained})
+      loss, aux = self.loss_fn(model, batch, key, context)
+      return loss, (aux, {g: nnx.state(model, _in_group(g)) for g in self.written})
+
+    (loss, (aux, written)), grads = jax.value_and_grad(objective, has_aux=True)(
         {g: params[g] for g in trainable})
-    params, opt_state = dict(params), dict(opt_state)
+    params, opt_state = {**params, **written}, dict(opt_state)
     for g in trainable:
       updates, opt_state[g] = self.optimizers[g].update(grads[g], opt_state[g], params[g])
       params[g] = optax.apply_updates(params[g], updates)
