@@ -144,7 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.continual = ml_collections.ConfigDict()  # Used by method "continual" (DACT and baselines).
   c.continual.methods = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer",
-                         "dact")  # Rows of the DACT table to run, in this order.
+                         "dact")  # Rows of the DACT table to run, in this order; "pit" adds
+  #   PIT (genrec_jax.methods.pit.continual) beside them.
   c.continual.fractions = (0.6, 0.7, 0.8, 0.9)  # Cumulative cut points of D0..D4.
   c.continual.min_test_history = 2  # Fewest past items of a kept test target: 2 = official
   #   DACT split (users with >= 3 interactions up to the period's end); 1 = every user.
@@ -264,7 +265,8 @@ class ConfigError(ValueError):
 
 
 METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec", "unigrec", "pit")  # methods.REGISTRY
-CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact")
+CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact",
+                     "pit")
 CHOICES = {
     "method": METHOD_NAMES,
     "data.format": ("auto", "csv", "mcauley_json", "ratings_csv", "amazon2023_jsonl"),
@@ -396,12 +398,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"tokenizer.warmup_units={tok.warmup_units} must lie in [0, "
                       f"tokenizer.train_length={tok.train_length})")
   p = config.pit
-  if config.method == "pit" and p.generator.d_model % p.generator.num_heads:
+  uses_pit = config.method == "pit" or (config.method == "continual"
+                                        and "pit" in config.continual.methods)
+  if uses_pit and p.generator.d_model % p.generator.num_heads:
     raise ConfigError(f"pit.generator.d_model={p.generator.d_model} must be a multiple of "
                       f"pit.generator.num_heads={p.generator.num_heads}")
-  if config.method == "pit" and not 0 <= p.prune_share <= 1:
+  if uses_pit and not 0 <= p.prune_share <= 1:
     raise ConfigError(f"pit.prune_share={p.prune_share} must lie in [0, 1]")
-  if config.method == "pit" and tok.kind != "rqvae":
+  if uses_pit and tok.kind != "rqvae":
     raise ConfigError(f"method=pit warm-starts its generator from the RQ-VAE's identifiers: "
                       f"set tokenizer.kind='rqvae' (got {tok.kind!r})")
   unknown = set(config.continual.methods) - set(CONTINUAL_METHODS)

@@ -183,7 +183,7 @@ def test_ranking_returns_distinct_items_in_the_order_of_their_best_identifier(tm
   config.grm.beam_size = len(table.codes)  # a beam as wide as the index: an exact search
   stage = pit.CoEvolution(config, IdentifierTable(table.codes[:n], table.item[:n],
                                                   table.level_sizes),
-                          np.asarray(rng.normal(size=(n, 16)), np.float32), split, mesh)
+                          np.asarray(rng.normal(size=(n, 16)), np.float32), n, mesh)
   model = stage.trainer.merge(stage.trainer.init_params)
   token_sets, count = table.item_token_sets(n, width=3)
   model.index.token_sets[...] = jnp.asarray(token_sets)
@@ -256,3 +256,25 @@ def test_config_errors_name_the_field(tmp_path, field, value, message):
   node[name] = value
   with pytest.raises(ConfigError, match=message):
     check_config(config)
+
+
+def test_continual_pit_row_indexes_new_items_and_reaches_the_report(tmp_path):
+  config = tiny_config(str(tmp_path), method="continual", late_items=8)
+  config.continual.update(methods=("ft_grm", "pit"), fractions=(0.6, 0.8))
+  config.pit.update(warmstart_steps=50, warmstart_batch_size=16, embedding_dim=8,
+                    candidates=4, max_identifiers=2)
+  config.pit.generator.update(d_model=16, d_ff=32, num_heads=2, num_layers=1)
+  results = methods.run(config, str(tmp_path / "run"))
+  rows = results["methods"]["pit"]["periods"]
+  assert [r["period"] for r in rows] == [1, 2]
+  for row in rows:
+    assert row["identifiers"]["duplicates"] == 0
+    assert {"recall@10", "ndcg@10"} <= set(row["test"])
+    assert 0 <= row["code_change"]["overall"] <= 1
+  periods = {p["period"]: p for p in results["periods"]}
+  for row in rows:  # every item of the period's catalog is indexed, the new ones included
+    assert row["identifiers"]["items"] == periods[row["period"]]["catalog"]
+    assert row["new_item_identifiers"] >= periods[row["period"]]["new_items"]
+  assert periods[1]["new_items"] + periods[2]["new_items"] > 0  # the late items arrive
+  report = open(tmp_path / "run" / "report.md").read()
+  assert "pit" in report

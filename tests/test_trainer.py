@@ -257,3 +257,36 @@ def test_optimizer_warms_up_linearly_then_follows_a_cosine_to_zero():
     rates.append(-float(updates[0]))
   expected = [0.0, 0.5] + [0.5 * (1 + np.cos(np.pi * t / 4)) for t in range(4)] + [0.0]
   np.testing.assert_allclose(rates, expected, atol=1e-5)
+
+
+class Counted(nnx.Module):
+  """A linear model and a statistics group the objective writes: rows seen per target."""
+
+  def __init__(self):
+    self.model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    self.stats = nnx.Variable(jnp.zeros((4,), jnp.float32))
+
+
+def counting_loss(model, batch, key, context):
+  model.stats[...] = model.stats[...].at[batch["target"]].add(1.0)
+  return jnp.mean((model.model(batch["x"])[:, 0] - batch["y"]) ** 2), {}
+
+
+def test_written_groups_keep_what_the_objective_assigns_in_single_and_scanned_steps():
+  mesh = make_mesh()
+  trainer = Trainer(Counted(), counting_loss, {"model": optax.sgd(0.1),
+                                               "stats": optax.set_to_zero()}, mesh,
+                    written=("stats",))
+  batch = {**_batch(), "target": np.array([0, 1, 1, 3, 3, 3, 0, 0])}
+  params = trainer.init_params
+  opt_state = trainer.init_opt_state(params)
+  params, opt_state, _ = trainer.train_step(params, opt_state, shard_batch(batch, mesh),
+                                            jax.random.key(0), trainable=("model",))
+  stacked = {k: np.stack([v, v]) for k, v in batch.items()}
+  stacked["step_ids"] = np.array([1, -1], np.int32)  # one real step, one filler
+  params, opt_state, _ = trainer.train_steps(params, opt_state, stacked, jax.random.key(0),
+                                             trainable=("model",))
+  counts = np.asarray(trainer.merge(params).stats[...])
+  np.testing.assert_array_equal(counts, 2 * np.bincount(batch["target"], minlength=4))
+  with pytest.raises(ValueError, match="written by the objective"):
+    trainer.train_step(params, opt_state, shard_batch(batch, mesh), jax.random.key(0))

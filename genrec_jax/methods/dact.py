@@ -262,9 +262,15 @@ class ContinualRun:
     return float(np.mean(np.sum(q * c, axis=1)))
 
   def evaluate(self, params, table: IdentifierTable, t: int) -> dict:
-    """Test metrics of period t: all targets, warm (items known before t) and cold (new)."""
+    """Test metrics of period t (`period_metrics`) of the recommender over `table`."""
     test = self.periods[t].test
-    ranks = target_ranks(self.recommender.rank(params, table, self.num_items, test), test.target)
+    return self.period_metrics(self.recommender.rank(params, table, self.num_items, test), t)
+
+  def period_metrics(self, ranked: np.ndarray, t: int) -> dict:
+    """Test metrics of period t from rankings int [S, beam] of its test samples: all
+    targets, warm (items known before t) and cold (new)."""
+    test = self.periods[t].test
+    ranks = target_ranks(ranked, test.target)
     cold = np.isin(test.target, self.periods[t].new_items)
     out = {"test": metrics_from_ranks(ranks)}
     for name, mask in (("warm", ~cold), ("cold", cold)):
@@ -332,7 +338,11 @@ class ContinualRun:
     results["timing"]["period_0"] = time.time() - start
 
     for name in self.config.continual.methods:
-      results["methods"][name] = self.run_method(name, base_params, base_table)
+      if name == "pit":  # its own composition (genrec_jax.methods.pit)
+        from genrec_jax.methods import pit
+        results["methods"][name] = pit.continual(self, base_params, base_table)
+      else:
+        results["methods"][name] = self.run_method(name, base_params, base_table)
       write_json(os.path.join(self.workdir, "results.json"), results)
     results["analyses"] = analyses(results)
     results["timing"]["total"] = time.time() - t0

@@ -75,6 +75,8 @@ from genrec_jax.data.splits import subsample
 from genrec_jax.decoding.beam_search import NEG_INF, beam_search
 from genrec_jax.decoding.trie import Trie
 from genrec_jax.recommenders.t5 import T5, Stack, T5Config
+from genrec_jax.methods import dact
+from genrec_jax.tokenizers import reassign
 from genrec_jax.tokenizers.identifiers import (IdentifierTable, Identifiers,
                                                write_identifiers_csv)
 from genrec_jax.training import loop
@@ -286,17 +288,19 @@ def pit_loss(model: PIT, batch: dict, key: jax.Array | None, context: dict, cfg:
 
 
 def warm_start_loss(model: PIT, batch: dict, key, context: dict) -> tuple[jax.Array, dict]:
-  """The generator's cross-entropy on the source codes of an item batch (`idx` int [B]);
-  context: `features`, `codes` int32 [num_items, L] (the RQ-VAE's)."""
+  """The generator's cross-entropy on a batch (`idx` int [B], rows of the source table) of
+  source identifiers; context: `features`, the source table's `items` int32 [S] and `codes`
+  int32 [S, L] (the RQ-VAE's)."""
   del key
   idx = batch["idx"]
-  e = jax.lax.stop_gradient(model.embeddings(idx, context["features"]))
+  e = jax.lax.stop_gradient(model.embeddings(context["items"][idx], context["features"]))
   return -model.generator.code_log_probs(e, context["codes"][idx]).mean(), {}
 
 
 def refresh_index(table: IdentifierTable, num_items: int, usage: np.ndarray,
                   candidates: np.ndarray, candidate_scores: np.ndarray, max_identifiers: int,
-                  prune_share: float) -> tuple[IdentifierTable, dict]:
+                  prune_share: float, active: np.ndarray | None = None
+                  ) -> tuple[IdentifierTable, dict]:
   """The index after one refresh (module docstring), and its statistics.
 
   An item that was selected since the last refresh keeps its identifiers that took at least
@@ -308,8 +312,7 @@ def refresh_index(table: IdentifierTable, num_items: int, usage: np.ndarray,
   no free digit is skipped.
 
   Args:
-    table: the current index, rows grouped by item in slot order (the primary first); every
-      item owns at least one.
+    table: the current index, rows grouped by item in slot order (the primary first).
     num_items: N.
     usage: float [M], each row's selections since the last refresh.
     candidates: int [N, C, L], generated code sequences per item, best first;
@@ -317,6 +320,9 @@ def refresh_index(table: IdentifierTable, num_items: int, usage: np.ndarray,
       none).
     max_identifiers: m, the most identifiers an item keeps.
     prune_share: the smallest share of its item's selections an identifier needs to stay.
+    active: bool [N], the items that may gain identifiers (the catalog of a period; default
+      all): an item outside it keeps what it has, an item inside it without identifiers (new
+      in the catalog) gets the generator's best.
 
   Returns:
     The new table, rows grouped by item in slot order, and stats: identifiers,
@@ -341,7 +347,7 @@ def refresh_index(table: IdentifierTable, num_items: int, usage: np.ndarray,
     pruned += len(mine) - len(keep)
     rows += [tuple(row) for row in table.codes[keep].tolist()]
     present = {tuple(row[:-1]) for row in table.codes[mine].tolist()}
-    kept = len(keep)
+    kept = len(keep) if active is None or active[item] else max_identifiers
     for codes, score in zip(candidates[item].tolist(), candidate_scores[item]):
       codes = tuple(codes)
       if kept == max_identifiers:
@@ -358,7 +364,7 @@ def refresh_index(table: IdentifierTable, num_items: int, usage: np.ndarray,
       rows.append(codes + (digit,))
       added += 1
       kept += 1
-    owners += [item] * kept
+    owners += [item] * (len(rows) - len(owners))
   new = IdentifierTable(np.asarray(rows, np.int32).reshape(-1, levels + 1),
                         np.asarray(owners, np.int32), table.level_sizes)
   stats = {"identifiers": len(rows), "identifiers_per_item": len(rows) / num_items,
@@ -374,20 +380,23 @@ class CoEvolution:
 
   Args:
     config: the run's config (`pit`, `grm`, `tokenizer` fields).
-    table: the source identifiers (the RQ-VAE's), one per item.
+    table: the source identifiers (the RQ-VAE's), at most one per item (items without one are
+      not in the catalog yet: continual periods).
     features: float [num_items, D_in], the item text vectors.
-    split: the leave-one-out split.
+    num_items: the number of items.
     mesh: the device mesh.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, table: IdentifierTable,
-               features: np.ndarray, split, mesh):
+               features: np.ndarray, num_items: int, mesh):
     p = self.settings = config.pit
-    self.config, self.split, self.mesh = config, split, mesh
-    self.num_items = split.num_items
+    self.config, self.mesh = config, mesh
+    self.num_items = num_items
+    self.active: np.ndarray | None = None  # items that may gain identifiers (`refresh_index`)
     self.level_sizes, self.offsets = tuple(table.level_sizes), table.offsets
     self.levels = table.depth - 1
-    self.source_codes = table.item_tokens(self.num_items)[:, :-1] - self.offsets[None, :-1]
+    self.source_codes = table.codes[:, :-1]  # warm-start targets of the items table.item
+    self.source_items = table.item
     self.grm_cfg = grm_cfg = stages.grm_train_config(config)
     rngs = nnx.Rngs(config.seed)
     g = p.generator
@@ -433,7 +442,8 @@ class CoEvolution:
                        GENERATOR: make_optimizer(p.generator_lr, 0.0, 0, p.grad_clip),
                        RECOMMENDER: optax.set_to_zero(), INDEX: optax.set_to_zero()},
                       self.mesh)
-    context = replicate({**self.context, "codes": jnp.asarray(self.source_codes)}, self.mesh)
+    context = replicate({**self.context, "codes": jnp.asarray(self.source_codes),
+                         "items": jnp.asarray(self.source_items)}, self.mesh)
     key = jax.random.key(self.config.seed)
 
     def run():
@@ -444,11 +454,12 @@ class CoEvolution:
       params, stats = loop.fit_steps(
           name="pit_warm_start", params=trainer.init_params,
           opt_state=trainer.init_opt_state(trainer.init_params), train_step=train_step,
-          batches=item_batches(self.num_items, p.warmstart_batch_size, self.config.seed),
+          batches=item_batches(len(self.source_items), p.warmstart_batch_size,
+                               self.config.seed),
           steps=p.warmstart_steps, log_every=max(1, p.warmstart_steps // 5))
       codes, _ = self.generate(params, 1)
       in_beam, _ = self.generate(params, p.candidates)
-      source = self.source_codes
+      codes, in_beam, source = codes[self.source_items], in_beam[self.source_items], self.source_codes
       stats.update(reproduced=float(np.all(codes[:, 0] == source, axis=1).mean()),
                    reproduced_in_beam=float(np.any(np.all(in_beam == source[:, None], -1),
                                                    axis=1).mean()))
@@ -488,39 +499,48 @@ class CoEvolution:
                             self.level_sizes), np.asarray(index["usage"][...])[valid])
 
   def refresh(self, epoch: int, params) -> tuple[dict, dict]:
-    """After every `pit.index_every` epochs: the pruned and extended index (`refresh_index`:
-    the selections since the last refresh and the generator's candidates) written into the
-    parameters with the selection counts reset, and its statistics."""
-    p = self.settings
-    if (epoch + 1) % p.index_every:
+    """After every `pit.index_every` epochs: the index pruned by the selections counted since
+    the last refresh and extended by the generator (`reindex`), and its statistics."""
+    if (epoch + 1) % self.settings.index_every:
       return params, {}
-    t0 = time.time()
-    table, usage = self.index_rows(params)
+    params, stats = self.reindex(params, self.index_rows(params)[1])
+    logging.info("[pit] epoch %d index: %d identifiers (%.2f per item), %d added, %d pruned, "
+                 "%d rejected, primary changed for %.1f %% of items, the generator's best in "
+                 "the index for %.1f %%", epoch + 1, stats["identifiers"],
+                 stats["identifiers_per_item"], stats["added"], stats["pruned"],
+                 stats["rejected"], 100 * stats["primary_change"],
+                 100 * stats["generator_top_in_index"])
+    return params, stats
+
+  def extend(self, params) -> tuple[dict, dict]:
+    """The index with identifiers for the active items that own none (new in the catalog)
+    and free slots filled, nothing pruned (`reindex` with no selections counted)."""
+    return self.reindex(params, np.zeros(len(self.table(params).codes)))
+
+  def reindex(self, params, usage: np.ndarray) -> tuple[dict, dict]:
+    """`refresh_index` of the index in `params` with the selections `usage` [M] and the
+    generator's candidates, written into the parameters with the counts reset."""
+    p = self.settings
+    table = self.table(params)
     candidates, candidate_scores = self.generate(params, p.candidates)
     new, stats = refresh_index(table, self.num_items, usage, candidates, candidate_scores,
-                               p.max_identifiers, p.prune_share)
+                               p.max_identifiers, p.prune_share, self.active)
+    indexed = _codes_by_item(new, self.num_items)
     stats["generator_top_in_index"] = float(np.mean([
-        tuple(candidates[i, 0]) in {tuple(r) for r in rows}
-        for i, rows in enumerate(_codes_by_item(new, self.num_items))]))
+        tuple(candidates[i, 0]) in {tuple(r) for r in rows} for i, rows in enumerate(indexed)
+        if len(rows)]))
     token_sets, count = new.item_token_sets(self.num_items, width=p.max_identifiers)
     model = self.trainer.merge(params)
     model.index.token_sets[...] = jnp.asarray(token_sets)
     model.index.count[...] = jnp.asarray(count)
     model.index.usage[...] = jnp.zeros_like(model.index.usage[...])
-    params = {**params, INDEX: replicate(nnx.state(model, lambda path, _: path[0] == INDEX),
-                                         self.mesh)}
-    logging.info("[pit] epoch %d index: %d identifiers (%.2f per item), %d added, %d pruned, "
-                 "%d rejected, primary changed for %.1f %% of items, the generator's best in "
-                 "the index for %.1f %% (%.1fs)", epoch + 1, stats["identifiers"],
-                 stats["identifiers_per_item"], stats["added"], stats["pruned"],
-                 stats["rejected"], 100 * stats["primary_change"],
-                 100 * stats["generator_top_in_index"], time.time() - t0)
-    return params, stats
+    return {**params, INDEX: replicate(nnx.state(model, lambda path, _: path[0] == INDEX),
+                                       self.mesh)}, stats
 
-  def epoch_batches(self, epoch: int):
+  def epoch_batches(self, train, epoch: int):
     cfg = self.grm_cfg
     return sharded_training_batches(
-        self.split.train, cfg.batch_size, cfg.length_buckets, self.mesh, seed=self.config.seed,
+        train, cfg.batch_size, cfg.length_buckets, self.mesh, seed=self.config.seed,
         epoch=epoch, grouping=cfg.batch_grouping, steps_per_dispatch=cfg.steps_per_dispatch)
 
   def _rank_batch(self, params, history, trie, **static):
@@ -545,16 +565,31 @@ class CoEvolution:
     t0 = time.time()
     return beam_metrics(self.rank(params, samples, constrained), samples, time.time() - t0)
 
-  def fit(self, params, selection, checkpoint_dir: str,
+  def fit(self, params, train, selection, loop_cfg: loop.LoopConfig, checkpoint_dir: str,
           interrupt_after_epoch: int | None = None):
-    """The co-evolution stage from `params` (the warm start) with model selection on
-    `selection` (grm.* epochs, evaluation period, patience): (best parameters, loop state)."""
+    """The co-evolution stage from `params` on the samples `train` with model selection on
+    `selection` under `loop_cfg`: (best parameters, loop state)."""
+    if len(train) == 0:
+      raise ValueError("PIT's training set is empty")
     return self.trainer.fit(
-        name="pit", epoch_batches=self.epoch_batches,
+        name="pit", epoch_batches=functools.partial(self.epoch_batches, train),
         evaluate=lambda params: self.evaluate(params, selection),
-        loop_cfg=self.grm_cfg.loop, checkpoint_dir=checkpoint_dir, params=params,
+        loop_cfg=loop_cfg, checkpoint_dir=checkpoint_dir, params=params,
         context=self.context, trainable=(EMBEDDINGS, GENERATOR, RECOMMENDER),
         after_epoch=self.refresh, interrupt_after_epoch=interrupt_after_epoch)
+
+  def with_recommender(self, params, t5: T5) -> dict:
+    """`params` with the recommender's weights taken from `t5` (a trained TIGER T5)."""
+    model = self.trainer.merge(params)
+    nnx.update(model.recommender, nnx.state(t5))
+    return {**params, RECOMMENDER: replicate(
+        nnx.state(model, lambda path, _: path[0] == RECOMMENDER), self.mesh)}
+
+
+def primary_table(table: IdentifierTable, num_items: int) -> IdentifierTable:
+  """The primaries (each item's first row) of an index: one identifier per indexed item."""
+  first = np.unique(table.item, return_index=True)[1]
+  return IdentifierTable(table.codes[first], table.item[first], table.level_sizes)
 
 
 def _codes_by_item(table: IdentifierTable, num_items: int) -> list[np.ndarray]:
@@ -573,12 +608,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timer.lap("data")
   table, results["tokenizer"], _, features = stages.item_tokenizer(config, inter, workdir,
                                                                    None, timer)
-  stage = CoEvolution(config, table, features, split, mesh)
+  stage = CoEvolution(config, table, features, split.num_items, mesh)
   params, results["warm_start"] = stage.warm_start(
       os.path.join(workdir, "checkpoints", "warm_start"))
   timer.lap("warm_start")
   selection = subsample(split.valid, config.grm.valid_users, config.seed)
-  params, state = stage.fit(params, selection, os.path.join(workdir, "checkpoints", "pit"))
+  params, state = stage.fit(params, split.train, selection, stage.grm_cfg.loop,
+                            os.path.join(workdir, "checkpoints", "pit"))
   timer.lap("grm_train")
   final = stage.table(params)
   write_identifiers_csv(os.path.join(workdir, "identifiers.csv"), final, inter.item_ids)
@@ -595,3 +631,60 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timer.lap("grm_eval")
   logging.info("[pit] test %s", stages.fmt(results["metrics"]["test"]))
   return stages.finish(results, timer, workdir)
+
+
+def continual(run, base_params, base_table: IdentifierTable) -> dict:
+  """The `pit` row of the continual protocol (PROTOCOLS.md section 2; DACT's table), for a
+  `methods.dact.ContinualRun` after its period 0.
+
+  The generator is warm-started once on period 0's identifiers (the collaborative tokenizer's,
+  shared by every row) and the recommender starts from period 0's T5. Each period t >= 1: the
+  catalog's new items get the generator's identifiers (`CoEvolution.extend`), co-evolution
+  runs on D_t with the fine-tuning budget of the FT rows (continual.finetune_epochs,
+  finetune_eval_every, patience), the index refreshed after every epoch, and the period's test
+  users are ranked over the index. Code change compares the items' primaries of consecutive
+  periods; "seconds" holds the whole period (the tokenizer is trained within it, so
+  tokenizer_seconds is the warm start, in period 1)."""
+  config, c = run.config, run.config.continual
+  stage = CoEvolution(config, base_table, run.features, run.num_items, run.mesh)
+  start = time.time()
+  params, warm = stage.warm_start(run.ckpt_dir("pit", "warm_start"))
+  warm_seconds = time.time() - start
+  params = stage.with_recommender(params, run.recommender.trainer.merge(base_params))
+  out_dir = os.path.join(run.workdir, "pit")
+  previous, rows = base_table, []
+  for t in range(1, len(run.periods)):
+    period = run.periods[t]
+    start = time.time()
+    stage.active = np.isin(np.arange(run.num_items), period.catalog)
+    params, extended = stage.extend(params)
+    loop_cfg = loop.LoopConfig(epochs=c.finetune_epochs, eval_every=c.finetune_eval_every,
+                               patience=c.patience, seed=config.seed + t)
+    params, state = stage.fit(params, period.train,
+                              subsample(period.valid, config.grm.valid_users, config.seed),
+                              loop_cfg, run.ckpt_dir("pit", f"period_{t}"))
+    seconds = time.time() - start + (warm_seconds if t == 1 else 0.0)
+    table = stage.table(params)
+    primary = primary_table(table, run.num_items)
+
+    def row():
+      return {"period": t, **run.period_metrics(stage.rank(params, period.test), t),
+              "code_change": reassign.code_change_rates(previous, primary),
+              "seconds": seconds, "tokenizer_seconds": warm_seconds if t == 1 else 0.0,
+              "grm_seconds": seconds - (warm_seconds if t == 1 else 0.0),
+              "identifiers": {"items": int(len(primary.codes)),
+                              "identifiers": int(len(table.codes)),
+                              "duplicates": table.duplicates(),
+                              "max_dedup_digit": int(table.codes[:, -1].max())},
+              "new_item_identifiers": extended["added"], "history": state["history"]}
+
+    result = dact.cached_row(os.path.join(out_dir, f"period_{t}", "result.json"), row)
+    write_identifiers_csv(os.path.join(out_dir, f"period_{t}", "identifiers.csv"), table,
+                          run.inter.item_ids)
+    logging.info("[pit] period %d test %s | primary code change %.3f", t,
+                 stages.fmt({k: v for k, v in result["test"].items() if k.endswith("@10")}),
+                 result["code_change"]["overall"])
+    rows.append(result)
+    previous = primary
+  return {"rules": {"tokenizer": "pit", "identifiers": "one-to-many index",
+                    "recommender": "co-evolution"}, "warm_start": warm, "periods": rows}

@@ -185,7 +185,10 @@ class Trainer:
                        f"trained")
 
     def objective(trained):
-      model = self.merge({**params, **trained})
+      # The written groups' variables are rebuilt here (an identity tree map) so that the
+      # objective may assign them: NNX refuses assignments to variables of an outer trace.
+      model = self.merge({**params, **{g: jax.tree.map(lambda x: x, params[g])
+                                       for g in self.written}, **trained})
       loss, aux = self.loss_fn(model, batch, key, context)
       return loss, (aux, {g: nnx.state(model, _in_group(g)) for g in self.written})
 
