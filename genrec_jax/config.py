@@ -247,11 +247,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.pit.train_generator = True  # False: the generator stays at its warm start (ablation).
   c.pit.embedding_dim = 64  # Item embedding size (text projection + free vector).
   c.pit.embedding_lr = 1e-3  # AdamW of the item embeddings and the alignment's attention.
-  c.pit.generator_lr = 1e-3  # AdamW of the generator (warm start and co-evolution).
+  c.pit.generator_lr = 1e-3  # AdamW of the generator in co-evolution.
   c.pit.weight_decay = 0.01  # Both AdamW above.
   c.pit.grad_clip = 1.0  # Gradient-norm clipping of the embeddings' and generator's updates.
   c.pit.warmstart_steps = 3000  # Generator warm-start updates on the source identifiers.
   c.pit.warmstart_batch_size = 1024  # Items per warm-start batch.
+  c.pit.warmstart_lr = 2e-3  # AdamW of the warm start (constant, no weight decay).
   c.pit.generator = ml_collections.ConfigDict()  # The item-to-token transformer.
   c.pit.generator.d_model = 128  # Width.
   c.pit.generator.d_ff = 512  # Feed-forward width.
@@ -636,10 +637,11 @@ def pit_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   fields hold our settings for the embeddings, the generator and the index.
 
   "cpu" (within 20 minutes on 2 cores): `apply_preset`'s small T5 and 1,000 tokenizer steps,
-  1,000 generator warm-start steps, 6 co-evolution epochs with validation every 2.
+  500 generator warm-start steps (95.5 % of the source identifiers reproduced on Toys), 6
+  co-evolution epochs with validation every 2 (experiments/pit_toys_cpu).
   """
   if cpu:
-    c.pit.warmstart_steps = 1000
+    c.pit.warmstart_steps = 500
 
 
 METHOD_SETTINGS = {"tiger": tiger_settings, "letter": letter_settings,

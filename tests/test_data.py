@@ -283,11 +283,22 @@ def _shipped_config(name: str):
     return module.get_config("cpu")
 
 
-@pytest.mark.parametrize("config_name", ["tiger_toys", "dact_beauty", "own_file_named_toys"])
+@pytest.mark.parametrize("config_name", ["tiger_toys", "dact_beauty"])
+def test_shipped_configs_use_the_predefined_tfds_datasets(config_name):
+    from genrec_jax.data import tfds_builder
+    config = _shipped_config(config_name)
+    builder_config, manual_dir = tfds_builder.config_for_file(config.data.name, config.data.path,
+                                                              config.data.format)
+    assert builder_config.name == config.data.name  # "toys" / "beauty", not a file digest
+    assert (manual_dir / builder_config.filename).resolve() == Path(config.data.path).resolve()
+
+
+@pytest.mark.parametrize("config_name", ["tiger_toys", "own_file_named_toys"])
 def test_tfds_path_with_the_shipped_configs(tmp_path, config_name):
-    """`--config.data.use_tfds=True` with the shipped configs (predefined TFDS names toys and
-    beauty) and with a user's own file under a predefined name: the pipeline's data stage reads
-    the same interactions through TFDS as directly."""
+    """`--config.data.use_tfds=True` with a shipped config (the predefined TFDS name toys; the
+    beauty one differs only in its file: the test above) and with a user's own file under a
+    predefined name: the pipeline's data stage reads the same interactions through TFDS as
+    directly."""
     from genrec_jax.stages import load_dataset
     if config_name == "own_file_named_toys":
         config = _shipped_config("tiger_toys")

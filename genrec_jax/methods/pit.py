@@ -432,14 +432,14 @@ class CoEvolution:
   def warm_start(self, checkpoint_dir: str) -> tuple[dict, dict]:
     """Trains the generator on the source codes at the initial embeddings
     (`pit.warmstart_steps` batches of `pit.warmstart_batch_size` items, AdamW at
-    `pit.generator_lr`), once: a rerun restores it. Returns the starting parameters of the
+    `pit.warmstart_lr`), once: a rerun restores it. Returns the starting parameters of the
     co-evolution stage and the statistics: the fraction of items whose best generated
-    sequence is their source identifier (`reproduced`), and whose `pit.candidates` beams hold
-    it (`reproduced_in_beam`)."""
+    sequence (the top of `pit.candidates` beams) is their source identifier (`reproduced`),
+    and whose beams hold it (`reproduced_in_beam`)."""
     p = self.settings
     trainer = Trainer(self.trainer.merge(self.trainer.init_params), warm_start_loss,
                       {EMBEDDINGS: optax.set_to_zero(),
-                       GENERATOR: make_optimizer(p.generator_lr, 0.0, 0, p.grad_clip),
+                       GENERATOR: make_optimizer(p.warmstart_lr, 0.0, 0, p.grad_clip),
                        RECOMMENDER: optax.set_to_zero(), INDEX: optax.set_to_zero()},
                       self.mesh)
     context = replicate({**self.context, "codes": jnp.asarray(self.source_codes),
@@ -457,10 +457,9 @@ class CoEvolution:
           batches=item_batches(len(self.source_items), p.warmstart_batch_size,
                                self.config.seed),
           steps=p.warmstart_steps, log_every=max(1, p.warmstart_steps // 5))
-      codes, _ = self.generate(params, 1)
-      in_beam, _ = self.generate(params, p.candidates)
-      codes, in_beam, source = codes[self.source_items], in_beam[self.source_items], self.source_codes
-      stats.update(reproduced=float(np.all(codes[:, 0] == source, axis=1).mean()),
+      in_beam = self.generate(params, p.candidates)[0][self.source_items]
+      source = self.source_codes
+      stats.update(reproduced=float(np.all(in_beam[:, 0] == source, axis=1).mean()),
                    reproduced_in_beam=float(np.any(np.all(in_beam == source[:, None], -1),
                                                    axis=1).mean()))
       logging.info("[pit] warm start: the generator reproduces %.1f %% of the source "
