@@ -16,6 +16,8 @@ from genrec_jax.data.splits import subsample
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup
 from tests.conftest import interrupt_then_resume, tiny_config
 
+forward = nnx.jit(lambda model, *args: model(*args))  # compiled: eager calls take seconds each
+
 
 def test_min_loss_selection_picks_the_argmin_among_the_targets_identifiers():
   nll = jnp.array([[2.0, 1.0, 3.0], [0.5, 0.1, 9.0], [4.0, 4.5, 0.0], [7.0, 0.2, 0.3]])
@@ -57,7 +59,8 @@ def test_recommender_term_is_each_examples_lowest_identifier_loss():
   model, table, features = _tiny_model()
   cfg = pit.LossConfig(code_offsets=tuple(int(o) for o in table.offsets[:-1]))
   batch = _batch()
-  _, parts = pit.pit_loss(model, batch, None, {"features": features}, cfg)
+  _, parts = nnx.jit(lambda m, b, c: pit.pit_loss(m, b, None, c, cfg))(
+      model, batch, {"features": features})
   tokens = table.tokens()
   primary = table.item_tokens(6)
   want, alternative = [], []
@@ -65,7 +68,7 @@ def test_recommender_term_is_each_examples_lowest_identifier_loss():
     inputs = np.concatenate([primary[h] if h >= 0 else np.zeros(3, np.int32) for h in history])
     losses = []
     for row in tokens[table.item == target]:  # brute force: every identifier of the target
-      logits = model.recommender(jnp.asarray(inputs)[None], jnp.asarray(
+      logits = forward(model.recommender, jnp.asarray(inputs)[None], jnp.asarray(
           np.concatenate([[0], row[:-1]]))[None])[0]
       logp = np.asarray(jax.nn.log_softmax(logits, -1))
       losses.append(-np.mean(logp[np.arange(3), row]))
@@ -79,7 +82,8 @@ def test_alignment_equals_a_numpy_transcription():
   model, _, features = _tiny_model()
   emb = model.embeddings
   batch = _batch()
-  got = pit.alignment_loss(emb, batch["history"], batch["target"], batch["weight"], features)
+  got = nnx.jit(pit.alignment_loss)(emb, batch["history"], batch["target"], batch["weight"],
+                                    features)
   w = lambda layer: np.asarray(layer.kernel[...])
   e = (np.asarray(features) @ w(emb.text) + np.asarray(emb.text.bias[...])
        + np.asarray(emb.free[...]))
@@ -107,8 +111,9 @@ def test_alignment_moves_the_candidates_not_the_history():
   model, _, features = _tiny_model()
   batch = {"history": jnp.array([[1, -1], [3, -1]]), "target": jnp.array([2, 4]),
            "weight": jnp.array([1.0, 1.0])}
-  grads = nnx.grad(lambda e: pit.alignment_loss(e, batch["history"], batch["target"],
-                                                batch["weight"], features))(model.embeddings)
+  grads = nnx.jit(nnx.grad(lambda e: pit.alignment_loss(e, batch["history"], batch["target"],
+                                                        batch["weight"], features)))(
+      model.embeddings)
   free = np.abs(np.asarray(grads.free[...])).sum(-1)
   assert free[2] > 0 and free[4] > 0 and free[1] == 0 and free[3] == 0
 
@@ -201,7 +206,8 @@ def test_ranking_returns_distinct_items_in_the_order_of_their_best_identifier(tm
     assert len(set(items.tolist())) == len(items)  # an item at most once
     inputs = np.concatenate([primary[h] if h >= 0 else np.zeros(3, np.int32) for h in history])
     decoder = np.pad(tokens[:, :-1], ((0, 0), (1, 0)))
-    logits = t5(jnp.repeat(jnp.asarray(inputs)[None], len(tokens), 0), jnp.asarray(decoder))
+    logits = forward(t5, jnp.repeat(jnp.asarray(inputs)[None], len(tokens), 0),
+                     jnp.asarray(decoder))
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     score = logp[np.arange(len(tokens))[:, None], np.arange(3)[None], tokens].sum(1)
     best = {}

@@ -151,7 +151,7 @@ def test_recommendation_loss_reaches_the_tokenizer_encoder_and_codebooks():
     return unigrec_loss(nnx.merge(graphdef, tokenizer_state, rest), batch, None, context,
                         rec_only)[0]
 
-  grads = jax.grad(loss)(tokenizer)["tokenizer"]
+  grads = jax.jit(jax.grad(loss))(tokenizer)["tokenizer"]  # compiled: eager took 28 s
   books = np.abs(np.asarray(grads["quantizer"]["codebooks"][...]))
   assert all(books[level].sum() > 0 for level in range(books.shape[0]))  # every level
   for layer in grads["encoder"]["layers"].values():

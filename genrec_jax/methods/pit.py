@@ -31,7 +31,7 @@ recommender trains on the selected identifier, and the generator learns to gener
 the target's embedding: L = L_rec(selected) + L_gen(selected) + L_align. The three terms train
 disjoint parameter groups (T5; generator; embeddings and attention), so their relative weights
 would not matter under Adam and there are none. The encoder reads each history item through
-its primary identifier (slot 0: the one the generator scores highest).
+its primary identifier (slot 0: the most selected at the last refresh).
 
 **One-to-many beam index** (`Index`, `refresh_index`). The candidates of minimum-loss
 selection are the target's identifiers in the index, fixed between two refreshes, so that
@@ -46,12 +46,16 @@ codes, so no identifier maps to two items. Decoding runs trie-constrained beam s
 every identifier of the index and keeps each item's best-ranked identifier (`distinct_items`).
 With m = 1 nothing is pruned or added: the identifiers stay the source ones.
 
-Settings the sources do not give (ours): m = 3 identifiers per item, 8 generated candidates per
-item per refresh, a refresh after every epoch, pruning below 10 % of the item's selections,
-the generator's size (2 blocks, d 128), the
-embedding size 64 and the learning rates (`pit` config fields). The reported offline numbers
-were measured with the item-to-token model frozen (METHODS.md); `pit.train_generator=False`
-freezes it here, an ablation, while the default trains it (the co-evolution the paper names).
+**Over time** (`continual`): the `pit` row of the continual protocol carries the model from
+period to period; each period's new catalog items get the generator's identifiers, and
+co-evolution on the period's interactions moves the embeddings, the generator and the index.
+
+Settings the sources do not give (ours): m = 3 identifiers per item, 8 generated candidates
+per item per refresh, a refresh after every epoch, pruning below 10 % of the item's
+selections, the generator's size (2 blocks, d 128), the embedding size 64 and the learning
+rates (`pit` config fields). The reported offline numbers were measured with the item-to-token
+model frozen (METHODS.md); `pit.train_generator=False` freezes it here, an ablation, while the
+default trains it (the co-evolution the paper names).
 """
 
 from __future__ import annotations
