@@ -16,7 +16,6 @@ with their sequence log-probabilities. `export` serialises the ranking function 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 
@@ -28,7 +27,7 @@ import numpy as np
 from genrec_jax import stages
 from genrec_jax.config import base_config
 from genrec_jax.decoding.trie import search_trie, trie_capacity
-from genrec_jax.tokenizers.identifiers import IdentifierTable
+from genrec_jax.tokenizers.identifiers import IdentifierTable, read_identifiers_csv
 from genrec_jax.training.checkpoint import Checkpoints
 from genrec_jax.training.grm import GRMTrainer, beam_rank, identifier_inputs, ranking_options
 from genrec_jax.training.sharding import make_mesh
@@ -61,18 +60,11 @@ def stored_config(workdir: str) -> ml_collections.ConfigDict:
 def read_table(path: str, config: ml_collections.ConfigDict) -> tuple[IdentifierTable, np.ndarray]:
   """The identifier table of a run's identifiers.csv (one identifier per item, rows in item
   order) and the raw item id of each item index."""
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f))
-  header, rows = rows[0], rows[1:]
-  levels = config.tokenizer.num_levels
-  if header != ["item"] + [f"code_{l + 1}" for l in range(levels)] + ["dedup"] or not rows:
-    raise ValueError(f"{path}: expected the header item,code_1..code_{levels},dedup and one row "
-                     f"per item (a run's identifiers.csv)")
-  item_ids = np.asarray([r[0] for r in rows])
-  codes = np.asarray([[int(c) for c in r[1:]] for r in rows], np.int32)
-  dedup = max(config.tokenizer.dedup_size, int(codes[:, -1].max()) + 1)
-  table = IdentifierTable(codes, np.arange(len(rows), dtype=np.int32),
-                          (config.tokenizer.codebook_size,) * levels + (dedup,))
+  tok = config.tokenizer
+  table, item_ids = read_identifiers_csv(path, tok.codebook_size, tok.dedup_size)
+  if table.depth != tok.num_levels + 1:
+    raise ValueError(f"{path}: {table.depth - 1} code levels, but the run's config has "
+                     f"tokenizer.num_levels={tok.num_levels}")
   return table, item_ids
 
 

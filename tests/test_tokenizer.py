@@ -208,8 +208,12 @@ def test_identifiers_csv_round_trip(tmp_path):
   write_identifiers_csv(str(tmp_path / "identifiers.csv"), table, ids)
   lines = (tmp_path / "identifiers.csv").read_text().splitlines()
   assert lines[0] == "item,code_1,code_2,dedup" and lines[2] == "B,0,1,1"
-  back = read_identifiers_csv(str(tmp_path / "identifiers.csv"), ids, 4, 4)
+  back, back_ids = read_identifiers_csv(str(tmp_path / "identifiers.csv"), 4, 4, ids[::-1])
   np.testing.assert_array_equal(back.codes, table.codes)
+  np.testing.assert_array_equal(back.item, [2, 1, 0])  # rows mapped to the given ids' indices
+  same, file_ids = read_identifiers_csv(str(tmp_path / "identifiers.csv"), 4, 4)
+  np.testing.assert_array_equal(file_ids, ids)
+  np.testing.assert_array_equal(same.item, [0, 1, 2])
   assert collision_rate(full[:, :2]) == pytest.approx(2 / 3)
 
 

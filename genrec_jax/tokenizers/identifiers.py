@@ -216,19 +216,35 @@ def write_identifiers_csv(path: str, table: IdentifierTable, item_ids: np.ndarra
   os.replace(tmp, path)
 
 
-def read_identifiers_csv(path: str, item_ids: np.ndarray, codebook_size: int,
-                         dedup_size: int) -> IdentifierTable:
-  """Reads a table written by `write_identifiers_csv`, mapping raw ids to item indices."""
-  index = {str(v): i for i, v in enumerate(item_ids)}
+def read_identifiers_csv(path: str, codebook_size: int, dedup_size: int,
+                         item_ids: np.ndarray | None = None
+                         ) -> tuple[IdentifierTable, np.ndarray]:
+  """Reads a table written by `write_identifiers_csv`: (table, raw item ids).
+
+  With `item_ids` (raw ids in item-index order) rows map to those indices, and an id outside
+  them is an error; without, the file defines the items: one row per item, item i the i-th
+  row, and the raw ids are returned in that order. The dedup vocabulary is `dedup_size`, or
+  larger when a stored digit needs it (a run whose vocabulary grew,
+  `identifiers_from_codes`)."""
   with open(path, newline="") as f:
     reader = csv.reader(f)
     header = next(reader, None)
-    if not header or header[0] != "item" or header[-1] != "dedup":
-      raise ValueError(f"{path}: expected header item,code_1..code_L,dedup, got {header}")
     rows = list(reader)
-  unknown = [r[0] for r in rows if r[0] not in index]
-  if unknown:
-    raise ValueError(f"{path}: {len(unknown)} unknown item ids, e.g. {unknown[:3]}")
+  if not header or header[0] != "item" or header[-1] != "dedup" or not rows:
+    raise ValueError(f"{path}: expected the header item,code_1..code_L,dedup and one row per "
+                     f"identifier (a run's identifiers.csv), got {header}")
   codes = np.asarray([[int(c) for c in r[1:]] for r in rows], np.int32)
-  item = np.asarray([index[r[0]] for r in rows], np.int32)
-  return IdentifierTable(codes, item, (codebook_size,) * (len(header) - 2) + (dedup_size,))
+  if item_ids is None:
+    item_ids = np.asarray([r[0] for r in rows])
+    if len(np.unique(item_ids)) != len(item_ids):
+      raise ValueError(f"{path}: an item has several rows; pass the run's item ids")
+    item = np.arange(len(rows), dtype=np.int32)
+  else:
+    index = {str(v): i for i, v in enumerate(item_ids)}
+    unknown = [r[0] for r in rows if r[0] not in index]
+    if unknown:
+      raise ValueError(f"{path}: {len(unknown)} unknown item ids, e.g. {unknown[:3]}")
+    item = np.asarray([index[r[0]] for r in rows], np.int32)
+  dedup_size = max(dedup_size, int(codes[:, -1].max()) + 1)
+  table = IdentifierTable(codes, item, (codebook_size,) * (len(header) - 2) + (dedup_size,))
+  return table, item_ids
