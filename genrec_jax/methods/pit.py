@@ -28,7 +28,9 @@ initial embeddings for `pit.warmstart_steps` updates; the exact-reproduction rat
 **Co-evolution** (`pit_loss`): each training example's target owns up to m identifiers in the
 index. The recommender (TIGER's T5) scores every one of them by teacher forcing; user-guided
 minimum-loss selection keeps, per example, the identifier with the lowest recommender loss
-(`select_identifiers`; `pit.selection="random"` picks one uniformly: the ablation). The
+(`select_identifiers`; `pit.selection="random"` picks one uniformly: the ablation); the losses
+compared are those of the training pass itself, so with dropout (grm.dropout_rate, 0 in the
+cpu preset) each candidate sees its own mask. The
 recommender trains on the selected identifier, and the generator learns to generate it from
 the target's embedding: L = L_rec(selected) + L_gen(selected) + L_align. The three terms train
 disjoint parameter groups (T5; generator; embeddings and attention), so their relative weights
