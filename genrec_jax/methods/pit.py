@@ -513,7 +513,7 @@ class CoEvolution:
     the last refresh and extended by the generator (`reindex`), and its statistics."""
     if (epoch + 1) % self.settings.index_every:
       return params, {}
-    params, stats = self.reindex(params, self.index_rows(params)[1])
+    params, stats = self.reindex(params, prune=True)
     logging.info("[pit] epoch %d index: %d identifiers (%.2f per item), %d added, %d pruned, "
                  "%d rejected, primary changed for %.1f %% of items, the generator's best in "
                  "the index for %.1f %%", epoch + 1, stats["identifiers"],
@@ -525,21 +525,23 @@ class CoEvolution:
   def extend(self, params) -> tuple[dict, dict]:
     """The index with identifiers for the active items that own none (new in the catalog)
     and free slots filled, nothing pruned (`reindex` with no selections counted)."""
-    return self.reindex(params, np.zeros(len(self.table(params).codes)))
+    return self.reindex(params, prune=False)
 
-  def reindex(self, params, usage: np.ndarray) -> tuple[dict, dict]:
-    """`refresh_index` of the index in `params` with the selections `usage` [M] and the
-    generator's candidates, written into the parameters with the counts reset."""
+  def reindex(self, params, prune: bool) -> tuple[dict, dict]:
+    """`refresh_index` of the index in `params` with the selections counted since the last
+    refresh (`prune`; else none, so nothing is pruned) and the generator's candidates,
+    written into the parameters with the counts reset."""
     p = self.settings
-    table = self.table(params)
+    table, usage = self.index_rows(params)
     candidates, candidate_scores = self.generate(params, p.candidates)
-    new, stats = refresh_index(table, self.num_items, usage, candidates, candidate_scores,
-                               p.max_identifiers, p.prune_share, self.active)
-    indexed = _codes_by_item(new, self.num_items)
-    stats["generator_top_in_index"] = float(np.mean([
-        tuple(candidates[i, 0]) in {tuple(r) for r in rows} for i, rows in enumerate(indexed)
-        if len(rows)]))
+    new, stats = refresh_index(table, self.num_items, usage if prune else np.zeros_like(usage),
+                               candidates, candidate_scores, p.max_identifiers, p.prune_share,
+                               self.active)
     token_sets, count = new.item_token_sets(self.num_items, width=p.max_identifiers)
+    indexed_codes = token_sets[..., :-1] - self.offsets[None, None, :-1]
+    top_in_index = np.all(indexed_codes == candidates[:, None, 0], axis=-1) & (
+        np.arange(p.max_identifiers)[None, :] < count[:, None])
+    stats["generator_top_in_index"] = float(top_in_index.any(1)[count > 0].mean())
     model = self.trainer.merge(params)
     model.index.token_sets[...] = jnp.asarray(token_sets)
     model.index.count[...] = jnp.asarray(count)
@@ -602,13 +604,6 @@ def primary_table(table: IdentifierTable, num_items: int) -> IdentifierTable:
   """The primaries (each item's first row) of an index: one identifier per indexed item."""
   first = np.unique(table.item, return_index=True)[1]
   return IdentifierTable(table.codes[first], table.item[first], table.level_sizes)
-
-
-def _codes_by_item(table: IdentifierTable, num_items: int) -> list[np.ndarray]:
-  """Each item's identifiers' L codes, [count_i, L] per item."""
-  order = np.argsort(table.item, kind="stable")
-  bounds = np.searchsorted(table.item[order], np.arange(num_items + 1))
-  return [table.codes[order[bounds[i]:bounds[i + 1]], :-1] for i in range(num_items)]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
