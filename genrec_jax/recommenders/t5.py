@@ -96,15 +96,18 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
 
 
 class RMSNorm(nnx.Module):
-  """T5 layer norm: scale only, no mean subtraction, no bias."""
+  """RMS norm (T5, Qwen2): scale only, no mean subtraction, no bias."""
 
   def __init__(self, dim: int, eps: float = 1e-6):
     self.scale = nnx.Param(jnp.ones((dim,)))
     self.eps = eps
 
   def __call__(self, x):
-    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(variance + self.eps) * self.scale[...]
+    """Normalised in float32, returned in x's dtype (as HF's T5 and Qwen2 norms)."""
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return ((x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
+            * self.scale[...].astype(x.dtype))
 
 
 @jax.custom_vjp

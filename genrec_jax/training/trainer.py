@@ -1,8 +1,9 @@
 """One trainer for every model: a jitted, donated, sharded train step over parameter groups.
 
 A model is an NNX module whose state falls into named parameter groups: its top-level
-attributes (for example `tokenizer` and `recommender` of a jointly trained method), or the
-single group "model" when it trains as one piece. Each group has its own optax optimizer
+attributes (for example `tokenizer` and `recommender` of a jointly trained method), variables
+picked by a filter (the LoRA adapters spread over a frozen backbone), or the single group
+"model" when it trains as one piece. Each group has its own optax optimizer
 (learning rate, schedule, weight decay). A train step updates the groups named in `trainable`
 and leaves the others frozen: no gradient is computed for them and their optimizer state is
 unchanged, which is how alternating training freezes one side for an epoch.
@@ -57,28 +58,37 @@ class Trainer:
     written: groups whose variables the objective may assign (statistics gathered while
       training, e.g. how often each identifier is selected): a step keeps the values the
       objective leaves there. They must not be trainable in the same step.
+    filters: NNX filters of groups that are not top-level attributes (a variable type such
+      as LoRA adapters, a path predicate; `...` for everything left, last). Filters are
+      tried in the order of `optimizers`; a variable belongs to the first group that matches.
   """
 
   def __init__(self, model: nnx.Module, loss_fn: LossFn,
                optimizers: optax.GradientTransformation | Mapping[str, Any], mesh,
-               written: tuple[str, ...] = ()):
+               written: tuple[str, ...] = (), filters: Mapping[str, Any] | None = None):
     if not isinstance(optimizers, Mapping):
       optimizers = {MODEL_GROUP: optimizers}
     self.optimizers = dict(optimizers)
     self.groups = tuple(self.optimizers)
-    if set(written) - set(self.groups):
-      raise ValueError(f"written groups {written} must be parameter groups {self.groups}")
+    if set(written) - set(self.groups) or set(filters or {}) - set(self.groups):
+      raise ValueError(f"written groups {written} and filtered groups {tuple(filters or {})} "
+                       f"must be parameter groups {self.groups}")
     self.written = tuple(written)
     self.loss_fn, self.mesh = loss_fn, mesh
-    if self.groups == (MODEL_GROUP,):
+    self.filters = {g: (filters or {}).get(g, _in_group(g)) for g in self.groups}
+    if self.groups == (MODEL_GROUP,) and not filters:
       self.graphdef, state = nnx.split(model)
       states = (state,)
     else:
-      self.graphdef, *states, rest = nnx.split(model, *map(_in_group, self.groups), ...)
-      if jax.tree.leaves(rest):
-        raise ValueError(f"model state outside the parameter groups {self.groups}: "
-                         f"{sorted(str(k) for k in rest.keys())}; give every top-level "
-                         f"attribute an optimizer")
+      group_filters = [self.filters[g] for g in self.groups]
+      if group_filters[-1] is ...:
+        self.graphdef, *states = nnx.split(model, *group_filters)
+      else:
+        self.graphdef, *states, rest = nnx.split(model, *group_filters, ...)
+        if jax.tree.leaves(rest):
+          raise ValueError(f"model state outside the parameter groups {self.groups}: "
+                           f"{sorted(str(k) for k in rest.keys())}; give every top-level "
+                           f"attribute an optimizer")
     # Copies: train steps donate their inputs, and the caller's model must outlive them.
     self.init_params = replicate(jax.tree.map(jnp.copy, dict(zip(self.groups, states))), mesh)
     self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
@@ -190,7 +200,7 @@ class Trainer:
       model = self.merge({**params, **{g: jax.tree.map(lambda x: x, params[g])
                                        for g in self.written}, **trained})
       loss, aux = self.loss_fn(model, batch, key, context)
-      return loss, (aux, {g: nnx.state(model, _in_group(g)) for g in self.written})
+      return loss, (aux, {g: nnx.state(model, self.filters[g]) for g in self.written})
 
     (loss, (aux, written)), grads = jax.value_and_grad(objective, has_aux=True)(
         {g: params[g] for g in trainable})
