@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -65,15 +67,18 @@ class PromptTokens:
       raise ValueError("the prompt needs a non-empty prefix and suffix")
 
 
-def byte_prompt_tokens(vocab_size: int) -> PromptTokens:
-  """The prompt's text as one token per UTF-8 byte (byte b -> id 1 + b mod (V - 2), the
-  last id V - 1 as eos): for a randomly initialised backbone, which has no tokenizer and
-  learns the text's ids like any other."""
+def word_prompt_tokens(vocab_size: int) -> PromptTokens:
+  """The prompt's text for a randomly initialised backbone, which has no tokenizer: one token
+  per word (a word with its leading space, a run of punctuation, a run of white space, the way
+  BPE pre-tokenizers cut text), id 1 + crc32(piece) mod (V - 2), the last id V - 1 as eos.
+  The prompt then has about the length it has under Qwen2's tokenizer (the compute of a run),
+  and the model learns the ids like any others."""
   if vocab_size < 4:
     raise ValueError(f"a backbone vocabulary of {vocab_size} tokens cannot hold a prompt")
 
   def encode(text: str) -> tuple[int, ...]:
-    return tuple(1 + b % (vocab_size - 2) for b in text.encode("utf-8"))
+    return tuple(1 + zlib.crc32(piece.encode("utf-8")) % (vocab_size - 2)
+                 for piece in re.findall(r" ?\w+| ?[^\w\s]+|\s+", text))
 
   return PromptTokens(encode(PROMPT_PREFIX), encode(PROMPT_SEPARATOR), encode(PROMPT_SUFFIX),
                       eos=vocab_size - 1)

@@ -62,6 +62,12 @@ class GRMTrainConfig:
   loop: loop.LoopConfig = loop.LoopConfig(epochs=200, patience=15)
 
 
+def optimizer(cfg: GRMTrainConfig) -> optax.GradientTransformation:
+  """The recommender's optimizer (`make_optimizer` with cfg's settings)."""
+  return make_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip,
+                        cfg.decay_steps)
+
+
 def identifier_inputs(history: jax.Array, item_tokens: jax.Array) -> jax.Array:
   """Encoder tokens int32 [B, slots * D] of item histories int [B, slots] (-1 = padding, token
   0) through the identifier map item_tokens int32 [num_items, D]; runs inside the step."""
@@ -232,18 +238,24 @@ class GRMTrainer:
   """
 
   def __init__(self, model_cfg: T5Config, cfg: GRMTrainConfig, mesh, seed: int = 0):
+    self.model_cfg = model_cfg
+    self._start(cfg, mesh, Trainer(
+        T5(model_cfg, rngs=nnx.Rngs(seed)),
+        functools.partial(grm_loss, reduction=cfg.loss_reduction,
+                          level_sizes=tuple(cfg.level_softmax)),
+        optimizer(cfg), mesh))
+
+  def _start(self, cfg: GRMTrainConfig, mesh, trainer: Trainer,
+             trainable: tuple[str, ...] | None = None) -> None:
+    """Set-up shared by the recommenders' trainers: checks, the `Trainer`, the groups a fit
+    updates (None: all) and the compiled ranking step (`_rank_batch`)."""
     if cfg.loss_reduction not in LOSS_REDUCTIONS:
       raise ValueError(f"grm.loss_reduction must be one of {LOSS_REDUCTIONS}, got "
                        f"{cfg.loss_reduction!r}")
-    self.model_cfg, self.cfg, self.mesh = model_cfg, cfg, mesh
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh)
-    self.trainer = Trainer(T5(model_cfg, rngs=nnx.Rngs(seed)),
-                           functools.partial(grm_loss, reduction=cfg.loss_reduction,
-                                             level_sizes=tuple(cfg.level_softmax)),
-                           make_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
-                                          cfg.grad_clip, cfg.decay_steps), mesh)
-    self.init_params = self.trainer.init_params
+    self.cfg, self.mesh, self.trainer, self.trainable = cfg, mesh, trainer, trainable
+    self.init_params = trainer.init_params
     self._rank = jax.jit(self._rank_batch, static_argnames=(
         "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
 
@@ -268,8 +280,11 @@ class GRMTrainer:
     return replicate(jnp.asarray(table.item_tokens(num_items)), self.mesh)
 
   def train(self, table: IdentifierTable, num_items: int, train: SampleSet, valid: SampleSet,
-            checkpoint_dir: str, params=None, loop_cfg: loop.LoopConfig | None = None):
-    """Trains from `params` (default: fresh init) and returns (best params, loop state)."""
+            checkpoint_dir: str, params=None, loop_cfg: loop.LoopConfig | None = None,
+            context: dict | None = None):
+    """Trains from `params` (default: fresh init) and returns (best params, loop state).
+    `context` adds device inputs of the objective to the identifier map (PESO's previous
+    adapters)."""
     if len(train) == 0:
       raise ValueError("the recommender's training set is empty")
     loop_cfg = loop_cfg or self.cfg.loop
@@ -283,7 +298,9 @@ class GRMTrainer:
     return self.trainer.fit(name="grm", epoch_batches=epoch_batches,
                             evaluate=lambda p: self.evaluate(p, table, num_items, valid),
                             loop_cfg=loop_cfg, checkpoint_dir=checkpoint_dir, params=params,
-                            context={"item_tokens": self.item_tokens(table, num_items)})
+                            context={"item_tokens": self.item_tokens(table, num_items),
+                                     **(context or {})},
+                            trainable=self.trainable)
 
   def rank(self, params, table: IdentifierTable, num_items: int, samples: SampleSet,
            beam_size: int | None = None, constrained: bool | None = None) -> np.ndarray:

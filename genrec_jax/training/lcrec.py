@@ -1,0 +1,183 @@
+"""Training and ranking of the LC-Rec recommender (Qwen2 + LoRA over identifier prompts).
+
+The same protocol as the T5 recommender (`training.grm`): samples are (history, next item),
+batches carry item indices, the identifier map is a device input of the compiled steps, and
+ranking is trie-constrained beam search (beam 20) with the library's model-agnostic
+`beam_search`. What differs is the model's side:
+
+- Inputs: `prompt_inputs` writes each history into LC-Rec's instruction prompt
+  (`recommenders.lcrec`) on the device; identifier token t of the table (t >= 1) is LLM token
+  base_vocab + t - 1.
+- Loss (`lcrec_loss`): cross-entropy on the response only, the target's D identifier tokens and
+  the end-of-sequence token (LC-Rec's `only_train_response`), averaged over the D + 1 tokens and
+  the real samples; logits are computed at those D + 1 positions only. With
+  `proximal_weight` > 0 the objective adds PESO's proximal term, lambda times
+  `lora.proximal_kl` of the adapters against `context["previous_adapters"]`.
+- Ranking (`lcrec_rank`): the prompt minus its last token is prefilled into a key/value cache;
+  the beam search's start token is that last token (the same for every prompt), and each step
+  feeds one token per beam through the cache. Scores are log-softmaxes over the whole extended
+  vocabulary, as LC-Rec's constrained `generate` computes them.
+- Trained parameters: the adapters and the identifier rows (one AdamW); everything else is a
+  frozen group (`Trainer` filters), unless `train_vocabulary` also trains the base embedding and
+  output layer (LC-Rec's `modules_to_save`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from genrec_jax.decoding.beam_search import beam_search, distinct_items
+from genrec_jax.decoding.trie import SparseTrie, Trie
+from genrec_jax.recommenders import lora
+from genrec_jax.recommenders.lcrec import LCRec, PromptTokens
+from genrec_jax.recommenders.qwen2 import Qwen2, causal_mask, positions_from_mask
+from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, identifier_nll, optimizer,
+                                     target_tokens, weighted_mean)
+from genrec_jax.training.trainer import Trainer
+
+TRAINED, FROZEN = "trained", "frozen"
+
+
+def llm_item_tokens(item_tokens: jax.Array, base_vocab: int) -> jax.Array:
+  """The identifier map int32 [N, D] in the table's token ids (>= 1) -> LLM token ids."""
+  return item_tokens + (base_vocab - 1)
+
+
+def prompt_inputs(history: jax.Array, item_tokens: jax.Array, prompt: PromptTokens
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Prompt token ids int32 [B, T] and real-token mask bool [B, T] of histories int [B, H]
+  (-1 = padding) through an identifier map in LLM token ids int32 [N, D].
+
+  T = len(prefix) + H * (len(separator) + D) + len(suffix): slot h holds the separator then
+  item h's D tokens; the separator before the first real item and whole padding slots are
+  masked (token 0), so a row equals its unpadded prompt (`qwen2` counts positions over real
+  tokens only)."""
+  b, h = history.shape
+  d, s = item_tokens.shape[1], len(prompt.separator)
+  real = history >= 0
+  first = real & (jnp.cumsum(real, axis=1) == 1)
+  items = jnp.where(real[..., None], item_tokens[jnp.maximum(history, 0)], 0)
+  separator = jnp.broadcast_to(jnp.asarray(prompt.separator, jnp.int32), (b, h, s))
+  slots = jnp.concatenate([separator, items], axis=-1).reshape(b, -1)
+  slot_mask = jnp.concatenate([jnp.broadcast_to((real & ~first)[..., None], (b, h, s)),
+                               jnp.broadcast_to(real[..., None], (b, h, d))], axis=-1)
+  prefix = jnp.broadcast_to(jnp.asarray(prompt.prefix, jnp.int32), (b, len(prompt.prefix)))
+  suffix = jnp.broadcast_to(jnp.asarray(prompt.suffix, jnp.int32), (b, len(prompt.suffix)))
+  tokens = jnp.concatenate([prefix, jnp.where(slot_mask.reshape(b, -1), slots, 0), suffix], 1)
+  mask = jnp.concatenate([jnp.ones(prefix.shape, bool), slot_mask.reshape(b, -1),
+                          jnp.ones(suffix.shape, bool)], axis=1)
+  return tokens, mask
+
+
+def lcrec_loss(model: LCRec, batch: dict, key: jax.Array | None, context: dict, *,
+               prompt: PromptTokens, proximal_weight: float = 0.0) -> tuple[jax.Array, dict]:
+  """Response cross-entropy of a batch (module docstring), plus PESO's proximal term.
+
+  batch: `history` int32 [B, slots], `target` int32 [B] (-1 = filler), `weight` float [B];
+  context: `item_tokens` int32 [N, D] (table token ids), and with proximal_weight > 0
+  `previous_adapters` (the previous period's `nnx.state(model, LoRAParam)`)."""
+  item_tokens = llm_item_tokens(context["item_tokens"], model.base_vocab)
+  tokens, mask = prompt_inputs(batch["history"], item_tokens, prompt)
+  targets, _ = target_tokens(batch["target"], item_tokens)  # [B, D]
+  response = jnp.concatenate([targets, jnp.full((targets.shape[0], 1), prompt.eos)], axis=1)
+  inputs = jnp.concatenate([tokens, targets], axis=1)  # the last response token is not read
+  full = jnp.concatenate([mask, jnp.ones(targets.shape, bool)], axis=1)
+  h, _ = model.states(inputs, positions_from_mask(full), causal_mask(full), key=key)
+  logits = model.logits(h[:, tokens.shape[1] - 1:])  # [B, D + 1, V]: predicts the response
+  loss = weighted_mean(identifier_nll(logits, response), batch["weight"])
+  if proximal_weight <= 0:
+    return loss, {}
+  penalty = lora.proximal_kl(nnx.state(model, lora.LoRAParam), context["previous_adapters"])
+  return loss + proximal_weight * penalty, {"proximal": penalty}
+
+
+def prefill(model: LCRec, history: jax.Array, item_tokens: jax.Array, prompt: PromptTokens):
+  """The decoding state after every prompt token but the last: (cache, key mask bool [B, P],
+  next rotary position int32 [B])."""
+  tokens, mask = prompt_inputs(history, llm_item_tokens(item_tokens, model.base_vocab), prompt)
+  tokens, mask = tokens[:, :-1], mask[:, :-1]
+  _, cache = model.states(tokens, positions_from_mask(mask), causal_mask(mask))
+  return cache, mask, mask.sum(axis=1).astype(jnp.int32)
+
+
+def decode_step(model: LCRec, last_tokens: jax.Array, state):
+  """One token per row [R, 1] through the cache -> (log-probabilities [R, V], state)."""
+  cache, past, position = state
+  new = jnp.ones(last_tokens.shape, bool)
+  h, cache = model.states(last_tokens, position[:, None], causal_mask(new, past), cache)
+  logp = jax.nn.log_softmax(model.logits(h[:, -1]), axis=-1)
+  return logp, (cache, jnp.concatenate([past, new], axis=1), position + 1)
+
+
+def lcrec_rank(model: LCRec, history: jax.Array, item_tokens: jax.Array,
+               trie: Trie | SparseTrie, prompt: PromptTokens, *, offsets, level_sizes,
+               beam_size, constrained, level_softmax) -> tuple[jax.Array, jax.Array]:
+  """Beam search over identifiers after each history's prompt: (items int32 [B, beam], scores
+  [B, beam]), each item once. `offsets` are the table's (shifted to LLM ids here)."""
+  state = prefill(model, history, item_tokens, prompt)
+  shift = model.base_vocab - 1
+  items, _, scores = beam_search(
+      functools.partial(decode_step, model), state, history.shape[0], trie,
+      tuple(o + shift for o in offsets), level_sizes, beam_size, constrained=constrained,
+      level_softmax=level_softmax, start_token=prompt.suffix[-1])
+  return distinct_items(items, scores)
+
+
+def trained_filter(train_vocabulary: bool):
+  """The trained variables: LoRA adapters and identifier rows (+ the base embedding and
+  output layer with `train_vocabulary`)."""
+  identifiers = lambda path, _: bool(path) and path[0] == "identifiers"
+  if not train_vocabulary:
+    return nnx.Any(lora.LoRAParam, identifiers)
+  vocabulary = lambda path, _: len(path) > 1 and path[1] in ("embed_tokens", "lm_head")
+  return nnx.Any(lora.LoRAParam, identifiers, vocabulary)
+
+
+class LCRecTrainer(GRMTrainer):
+  """`GRMTrainer`'s protocol (train, rank, evaluate) for LC-Rec.
+
+  Args:
+    backbone: a Qwen2 model, loaded from a checkpoint or randomly initialised; wrapped in
+      place with LoRA adapters.
+    num_identifier_tokens: the identifier table's symbols (its vocab_size - 1).
+    prompt: the prompt's token ids (`byte_prompt_tokens`, `checkpoint_prompt_tokens`, ...).
+    lora_cfg, cfg, mesh, seed: adapters, optimisation/decoding settings, devices, init seed.
+    proximal_weight: PESO's lambda (0: plain fine-tuning); the train step then expects the
+      previous adapters in its context (`train(..., context=...)`, `adapter_context`).
+    train_vocabulary: also train the base embedding and output layer (LC-Rec's code).
+  """
+
+  def __init__(self, backbone: Qwen2, num_identifier_tokens: int, prompt: PromptTokens,
+               lora_cfg: lora.LoRAConfig, cfg: GRMTrainConfig, mesh, seed: int = 0,
+               proximal_weight: float = 0.0, train_vocabulary: bool = False):
+    if cfg.level_softmax:
+      raise ValueError("LC-Rec scores identifiers over its whole vocabulary; "
+                       "grm.level_softmax must be False")
+    self.model_cfg, self.prompt = backbone.cfg, prompt
+    self.proximal_weight = proximal_weight
+    model = LCRec(backbone, num_identifier_tokens, lora_cfg, rngs=nnx.Rngs(seed))
+    self._start(cfg, mesh, Trainer(
+        model, functools.partial(lcrec_loss, prompt=prompt, proximal_weight=proximal_weight),
+        {TRAINED: optimizer(cfg), FROZEN: optax.set_to_zero()}, mesh,
+        filters={TRAINED: trained_filter(train_vocabulary), FROZEN: ...}),
+        trainable=(TRAINED,))
+
+  def adapters(self, params):
+    """The LoRA adapters of `params` (an `nnx.State` of LoRAParam variables)."""
+    return nnx.state(self.trainer.merge(params), lora.LoRAParam)
+
+  def with_adapters(self, params, adapters):
+    """`params` with their LoRA adapters replaced by `adapters` (same structure)."""
+    model = self.trainer.merge(jax.tree.map(jnp.copy, params))
+    nnx.update(model, adapters)
+    return dict(zip(self.trainer.groups, nnx.split(model, *(
+        self.trainer.filters[g] for g in self.trainer.groups))[1:]))
+
+  def _rank_batch(self, params, history, item_tokens, trie, **static):
+    return lcrec_rank(self.trainer.merge(params), history, item_tokens, trie, self.prompt,
+                      **static)

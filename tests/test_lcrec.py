@@ -1,0 +1,160 @@
+"""LC-Rec recommender: prompts, response loss, ranking, frozen base (DACT's LC-Rec backbone)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from genrec_jax.data.splits import SampleSet
+from genrec_jax.recommenders import lora
+from genrec_jax.recommenders.lcrec import LCRec, PromptTokens, word_prompt_tokens
+from genrec_jax.recommenders.qwen2 import Qwen2, Qwen2Config
+from genrec_jax.tokenizers.identifiers import IdentifierTable
+from genrec_jax.training import lcrec
+from genrec_jax.training.grm import GRMTrainConfig
+from genrec_jax.training.loop import LoopConfig
+from genrec_jax.training.sharding import make_mesh
+
+BACKBONE = Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2,
+                       num_heads=4, num_kv_heads=2, rope_theta=10000.0, initializer_range=0.3)
+PROMPT = PromptTokens(prefix=(5, 6, 7), separator=(8,), suffix=(9, 10), eos=39)
+# 6 items, 2 levels of 3 codes + a dedup digit of 2.
+CODES = np.array([[0, 1, 0], [2, 0, 0], [1, 1, 0], [2, 2, 0], [0, 1, 1], [1, 0, 0]], np.int32)
+TABLE = IdentifierTable(CODES, np.arange(6, dtype=np.int32), (3, 3, 2))
+
+
+def _model(seed=0):
+  model = LCRec(Qwen2(BACKBONE, rngs=nnx.Rngs(seed)), TABLE.vocab_size - 1,
+                lora.LoRAConfig(rank=2, alpha=4.0, dropout=0.0), rngs=nnx.Rngs(seed + 1))
+  # Non-zero adapters, so that the tests see them act.
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, lora.LoRAParam):
+      var[...] = 0.3 * jax.random.normal(jax.random.key(seed + 7), var.shape)
+  return model
+
+
+def _item_tokens():
+  return jnp.asarray(TABLE.item_tokens(6))
+
+
+def _unpadded_prompt(history, item_tokens):
+  """The prompt of one history, in Python: LLM token ids."""
+  shift = BACKBONE.vocab_size - 1
+  out = list(PROMPT.prefix)
+  for n, item in enumerate(i for i in history if i >= 0):
+    out += (list(PROMPT.separator) if n else []) + [int(t) + shift for t in item_tokens[item]]
+  return out + list(PROMPT.suffix)
+
+
+def test_prompt_rows_equal_their_unpadded_prompts():
+  history = jnp.array([[-1, -1, 3], [1, 4, 2], [-1, 5, 0], [2, -1, 4]])
+  item_tokens = _item_tokens()
+  tokens, mask = lcrec.prompt_inputs(
+      history, lcrec.llm_item_tokens(item_tokens, BACKBONE.vocab_size), PROMPT)
+  assert tokens.shape == (4, 3 + 3 * (1 + 3) + 2)
+  for row in range(4):
+    expected = _unpadded_prompt(np.asarray(history[row]), np.asarray(item_tokens))
+    assert np.asarray(tokens[row])[np.asarray(mask[row])].tolist() == expected
+
+
+def _sequence_logp(model, prompt, continuation):
+  """log p(continuation | prompt) token by token, from one unpadded forward pass."""
+  seq = jnp.asarray([prompt + continuation[:-1]])
+  mask = jnp.ones(seq.shape, bool)
+  from genrec_jax.recommenders.qwen2 import causal_mask, positions_from_mask
+  h, _ = model.states(seq, positions_from_mask(mask), causal_mask(mask))
+  logp = np.asarray(jax.nn.log_softmax(model.logits(h[0, len(prompt) - 1:]), -1))
+  return np.array([logp[i, t] for i, t in enumerate(continuation)])
+
+
+def test_loss_is_the_response_cross_entropy():
+  model = _model()
+  batch = {"history": jnp.array([[-1, 1, 3], [2, 4, 5], [0, -1, -1]]),
+           "target": jnp.array([2, 0, -1]), "weight": jnp.array([1.0, 1.0, 0.0])}
+  item_tokens = _item_tokens()
+  loss, aux = lcrec.lcrec_loss(model, batch, None, {"item_tokens": item_tokens}, prompt=PROMPT)
+  shift = BACKBONE.vocab_size - 1
+  expected = []
+  for row in range(2):
+    history = np.asarray(batch["history"][row])
+    target = [int(t) + shift for t in np.asarray(item_tokens)[int(batch["target"][row])]]
+    logp = _sequence_logp(model, _unpadded_prompt(history, np.asarray(item_tokens)),
+                          target + [PROMPT.eos])
+    expected.append(-logp.mean())
+  np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+  assert aux == {}
+
+  previous = jax.tree.map(lambda x: x * 0.5, nnx.state(model, lora.LoRAParam))
+  context = {"item_tokens": item_tokens, "previous_adapters": previous}
+  peso, aux = lcrec.lcrec_loss(model, batch, None, context, prompt=PROMPT, proximal_weight=2.0)
+  penalty = lora.proximal_kl(nnx.state(model, lora.LoRAParam), previous)
+  np.testing.assert_allclose(float(peso), float(loss) + 2.0 * float(penalty), rtol=1e-5)
+  assert float(aux["proximal"]) > 0
+
+
+def test_ranking_equals_brute_force_over_the_catalog():
+  """With a beam that holds every prefix, the constrained search returns every item in the
+  order of its identifier's log-probability after the prompt (brute force over the table)."""
+  model = _model(3)
+  history = jnp.array([[-1, 1, 3], [2, 4, 5]])
+  item_tokens = _item_tokens()
+  trie_table = TABLE
+  from genrec_jax.decoding.trie import search_trie, trie_capacity
+  trie = jax.tree.map(jnp.asarray, search_trie(trie_table, trie_capacity(
+      trie_table.level_sizes, 6)))
+  items, scores = lcrec.lcrec_rank(model, history, item_tokens, trie, PROMPT,
+                                   offsets=tuple(int(o) for o in TABLE.offsets),
+                                   level_sizes=tuple(TABLE.level_sizes), beam_size=8,
+                                   constrained=True, level_softmax=False)
+  shift = BACKBONE.vocab_size - 1
+  for row in range(2):
+    prompt = _unpadded_prompt(np.asarray(history[row]), np.asarray(item_tokens))
+    brute = [float(_sequence_logp(model, prompt, [int(t) + shift for t in
+                                                  np.asarray(item_tokens)[i]]).sum())
+             for i in range(6)]
+    order = np.argsort(brute)[::-1]
+    assert np.asarray(items[row])[:6].tolist() == order.tolist()
+    np.testing.assert_allclose(np.asarray(scores[row])[:6], np.sort(brute)[::-1], atol=1e-4)
+
+
+def _samples(n, seed):
+  rng = np.random.default_rng(seed)
+  history = rng.integers(0, 6, (n, 4)).astype(np.int32)
+  lengths = rng.integers(1, 5, n)
+  history[np.arange(4)[None] < (4 - lengths)[:, None]] = -1
+  return SampleSet(history, rng.integers(0, 6, n).astype(np.int32),
+                   np.arange(n, dtype=np.int32))
+
+
+def test_trainer_fits_adapters_and_identifier_rows_only(tmp_path):
+  cfg = GRMTrainConfig(learning_rate=1e-2, batch_size=8, eval_batch_size=8, beam_size=4,
+                       length_buckets=(4,), loop=LoopConfig(epochs=2, patience=5))
+  trainer = lcrec.LCRecTrainer(Qwen2(BACKBONE, rngs=nnx.Rngs(0)), TABLE.vocab_size - 1,
+                               PROMPT, lora.LoRAConfig(rank=2, alpha=4.0), cfg, make_mesh())
+  start = jax.tree.map(np.array, trainer.init_params)
+  params, state = trainer.train(TABLE, 6, _samples(32, 0), _samples(8, 1), str(tmp_path))
+  changed = {group: [not np.array_equal(a, np.asarray(b)) for a, b in
+                     zip(jax.tree.leaves(start[group]), jax.tree.leaves(params[group]))]
+             for group in (lcrec.TRAINED, lcrec.FROZEN)}
+  assert all(changed[lcrec.TRAINED]) and not any(changed[lcrec.FROZEN])
+  ranked = trainer.rank(params, TABLE, 6, _samples(8, 2))
+  assert ranked.shape == (8, 4) and (ranked >= 0).all()
+  assert all(len(set(r)) == 4 for r in ranked.tolist())
+  adapters = trainer.adapters(params)
+  swapped = trainer.with_adapters(params, jax.tree.map(jnp.zeros_like, adapters))
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(trainer.adapters(swapped)))
+  np.testing.assert_array_equal(
+      np.asarray(jax.tree.leaves(swapped[lcrec.FROZEN])[0]),
+      np.asarray(jax.tree.leaves(params[lcrec.FROZEN])[0]))
+
+
+def test_word_prompt_stays_inside_the_base_vocabulary():
+  prompt = word_prompt_tokens(40)
+  ids = prompt.prefix + prompt.separator + prompt.suffix
+  assert min(ids) >= 1 and max(ids) <= 38 and prompt.eos == 39
+  # One token per word or punctuation run: "...with items " ends in a lone space.
+  assert len(prompt.prefix) == 30 and len(prompt.separator) == 2 and len(prompt.suffix) == 21
+  assert word_prompt_tokens(40) == prompt
+  with pytest.raises(ValueError, match="cannot hold"):
+    word_prompt_tokens(3)
