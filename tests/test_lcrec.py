@@ -1,5 +1,10 @@
 """LC-Rec recommender: prompts, response loss, ranking, frozen base (DACT's LC-Rec backbone)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +163,58 @@ def test_word_prompt_stays_inside_the_base_vocabulary():
   assert word_prompt_tokens(40) == prompt
   with pytest.raises(ValueError, match="cannot hold"):
     word_prompt_tokens(3)
+
+
+_FSDP = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from genrec_jax.training.sharding import make_mesh, replicate, shard_batch, use_cpu_devices
+use_cpu_devices(int(sys.argv[1]))
+from genrec_jax.recommenders import lora
+from genrec_jax.recommenders.lcrec import word_prompt_tokens
+from genrec_jax.recommenders.qwen2 import Qwen2, Qwen2Config
+from genrec_jax.training import lcrec
+from genrec_jax.training.grm import GRMTrainConfig
+from tests.test_lcrec import TABLE
+cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=256, num_layers=2,
+                  num_heads=4, num_kv_heads=2, rope_theta=10000.0)
+mesh = make_mesh()
+trainer = lcrec.LCRecTrainer(Qwen2(cfg, rngs=nnx.Rngs(0)), TABLE.vocab_size - 1,
+                             word_prompt_tokens(256), lora.LoRAConfig(), GRMTrainConfig(
+                                 learning_rate=1e-2, batch_size=16), mesh,
+                             param_sharding=sys.argv[2])
+rng = np.random.default_rng(0)
+batch = shard_batch({"history": rng.integers(-1, 6, (16, 5)).astype(np.int32),
+                     "target": rng.integers(0, 6, 16).astype(np.int32),
+                     "weight": np.ones(16, np.float32)}, mesh)
+context = replicate({"item_tokens": jnp.asarray(TABLE.item_tokens(6))}, mesh)
+params = trainer.init_params
+opt = trainer.trainer.init_opt_state(params)
+losses = []
+for i in range(3):
+  params, opt, metrics = trainer.trainer.train_step(params, opt, batch, jax.random.key(i), context,
+                                                    trainable=(lcrec.TRAINED,))
+  losses.append(float(metrics["loss"]))
+kernel = trainer.trainer.merge(params).backbone.layers[0].mlp.up_proj.base.kernel[...]
+print(json.dumps({"devices": jax.device_count(), "losses": losses,
+                  "kernel_shards": len({str(s.index) for s in kernel.addressable_shards})}))
+"""
+
+
+def _fsdp_run(devices, sharding):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _FSDP, str(devices), sharding], env=env,
+                       cwd=root, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_on_eight_devices_equals_one_device():
+  """The backbone split over 8 simulated devices (FSDP) trains with the losses of 1 device."""
+  one = _fsdp_run(1, "replicated")
+  eight = _fsdp_run(8, "fsdp")
+  assert one["devices"] == 1 and eight["devices"] == 8 and eight["kernel_shards"] == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], atol=1e-5)

@@ -150,11 +150,13 @@ class LCRecTrainer(GRMTrainer):
     proximal_weight: PESO's lambda (0: plain fine-tuning); the train step then expects the
       previous adapters in its context (`train(..., context=...)`, `adapter_context`).
     train_vocabulary: also train the base embedding and output layer (LC-Rec's code).
+    param_sharding: "replicated" or "fsdp" (the backbone split over the devices, `Trainer`).
   """
 
   def __init__(self, backbone: Qwen2, num_identifier_tokens: int, prompt: PromptTokens,
                lora_cfg: lora.LoRAConfig, cfg: GRMTrainConfig, mesh, seed: int = 0,
-               proximal_weight: float = 0.0, train_vocabulary: bool = False):
+               proximal_weight: float = 0.0, train_vocabulary: bool = False,
+               param_sharding: str = "replicated"):
     if cfg.level_softmax:
       raise ValueError("LC-Rec scores identifiers over its whole vocabulary; "
                        "grm.level_softmax must be False")
@@ -164,7 +166,8 @@ class LCRecTrainer(GRMTrainer):
     self._start(cfg, mesh, Trainer(
         model, functools.partial(lcrec_loss, prompt=prompt, proximal_weight=proximal_weight),
         {TRAINED: optimizer(cfg), FROZEN: optax.set_to_zero()}, mesh,
-        filters={TRAINED: trained_filter(train_vocabulary), FROZEN: ...}),
+        filters={TRAINED: trained_filter(train_vocabulary), FROZEN: ...},
+        param_sharding=param_sharding),
         trainable=(TRAINED,))
 
   def adapters(self, params):

@@ -31,7 +31,6 @@ import numpy as np
 from absl import logging
 
 from genrec_jax.training.checkpoint import Checkpoints
-from genrec_jax.training.sharding import replicate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,20 +48,20 @@ class LoopConfig:
 def fit(*, name: str, params, opt_state, train_step: Callable,
         epoch_batches: Callable[[int], Iterable[tuple[dict, int]]],
         evaluate: Callable[[Any], dict[str, float]], cfg: LoopConfig, checkpoint_dir: str,
-        mesh, after_epoch: Callable[[int, Any], tuple[Any, dict]] | None = None,
+        after_epoch: Callable[[int, Any], tuple[Any, dict]] | None = None,
         interrupt_after_epoch: int | None = None) -> tuple[Any, dict]:
   """Trains and selects the best parameters on validation.
 
   Args:
     name: stage name for logs.
-    params, opt_state: initial (replicated) state.
+    params, opt_state: initial state, placed on the devices (replicated or sharded); a
+      restored state is placed as they are.
     train_step: (params, opt_state, batch, key, epoch) -> (params, opt_state, metrics), metrics
       a dict of scalars holding at least `loss` and `grad_norm`.
     epoch_batches: epoch -> iterable of (sharded batch, number of real samples).
     evaluate: params -> validation metrics containing `cfg.select_metric`.
     cfg: loop settings.
     checkpoint_dir: where this stage's Orbax checkpoints live.
-    mesh: device mesh (restored state is re-replicated on it).
     after_epoch: (epoch, params) -> (params, stats), called after each epoch's updates and
       before its evaluation and checkpoint: a refresh that a method schedules per epoch (ETEGRec
       recomputes its identifiers after a tokenizer epoch). The returned parameters are trained
@@ -80,7 +79,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
   if ckpt.latest_step() is not None:
     items, state = ckpt.restore(ckpt.latest_step(), {
         "params": params, "opt_state": opt_state, "best_params": params})
-    params, opt_state, best_params = (replicate(items[k], mesh)
+    placement = {k: jax.tree.map(lambda x: x.sharding, template) for k, template in
+                 (("params", params), ("opt_state", opt_state), ("best_params", params))}
+    params, opt_state, best_params = (jax.device_put(items[k], placement[k])
                                       for k in ("params", "opt_state", "best_params"))
     logging.info("[%s] resumed from %s after epoch %d", name, checkpoint_dir, state["epoch"])
   base_key = jax.random.key(cfg.seed)

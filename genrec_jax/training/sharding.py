@@ -1,12 +1,15 @@
 """Device mesh and shardings: one code path from 1 CPU to many devices and hosts.
 
-Parameters and optimizer state are replicated; batches are split along the `data` axis. On a
-multi-host run every process feeds its own slice of the global batch
+Batches are split along the `data` axis. Parameters and optimizer state are replicated, or,
+for models too large for one device's memory, sharded over the same axis (`fsdp_shardings`:
+fully sharded data parallelism, XLA gathering each weight where it is used). On a multi-host
+run every process feeds its own slice of the global batch
 (`jax.make_array_from_process_local_data`), after `jax.distributed.initialize()`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -54,6 +57,29 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: jax.sharding.Mesh, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*[None] * batch_axis, DATA_AXIS))
+
+
+PARAM_SHARDINGS = ("replicated", "fsdp")
+
+
+def fsdp_shardings(tree, mesh: jax.sharding.Mesh, min_elements: int = 2 ** 14):
+  """Shardings for fully sharded data parallelism of a tree of arrays or shapes: an array of
+  at least `min_elements` elements is split over `data` along its largest dimension that the
+  axis size divides; smaller arrays, and arrays without such a dimension, are replicated. The
+  rule depends on shapes alone, so parameters and their optimizer moments get one layout."""
+  devices = mesh.shape[DATA_AXIS]
+
+  def rule(x):
+    if devices == 1 or math.prod(x.shape) < min_elements:
+      return replicated(mesh)
+    dims = [d for d in np.argsort(x.shape, kind="stable")[::-1] if x.shape[d] % devices == 0]
+    if not dims:
+      return replicated(mesh)
+    spec = [None] * len(x.shape)
+    spec[dims[0]] = DATA_AXIS
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(rule, tree)
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):

@@ -16,8 +16,9 @@ known-items mask of a growing catalog, codeword groups, ...). `aux` is a dict of
 the step reports beside the loss and the global gradient norm.
 
 The step is compiled once per batch shape and trainable set, with the parameters and
-optimizer state donated and kept replicated (`out_shardings`), and batches sharded over the
-mesh's data axis (`training.sharding`); `fit` drives it through the shared epoch loop
+optimizer state donated and kept in place (`out_shardings`: replicated, or split over the data
+axis with `param_sharding="fsdp"`), and batches sharded over the mesh's data axis
+(`training.sharding`); `fit` drives it through the shared epoch loop
 (`training.loop`).
 """
 
@@ -32,8 +33,8 @@ from flax import nnx
 
 from genrec_jax.data.batching import stack_item_batches
 from genrec_jax.training import loop
-from genrec_jax.training.sharding import (replicate, replicated, shard_item_batch,
-                                          shard_stacked_batch)
+from genrec_jax.training.sharding import (PARAM_SHARDINGS, fsdp_shardings, replicate,
+                                          replicated, shard_item_batch, shard_stacked_batch)
 
 MODEL_GROUP = "model"  # the one group of a model trained as one piece
 
@@ -61,11 +62,18 @@ class Trainer:
     filters: NNX filters of groups that are not top-level attributes (a variable type such
       as LoRA adapters, a path predicate; `...` for everything left, last). Filters are
       tried in the order of `optimizers`; a variable belongs to the first group that matches.
+    param_sharding: "replicated" (every device holds the parameters and optimizer state) or
+      "fsdp" (large arrays split over the mesh's data axis, `sharding.fsdp_shardings`).
   """
 
   def __init__(self, model: nnx.Module, loss_fn: LossFn,
                optimizers: optax.GradientTransformation | Mapping[str, Any], mesh,
-               written: tuple[str, ...] = (), filters: Mapping[str, Any] | None = None):
+               written: tuple[str, ...] = (), filters: Mapping[str, Any] | None = None,
+               param_sharding: str = "replicated"):
+    if param_sharding not in PARAM_SHARDINGS:
+      raise ValueError(f"param_sharding must be one of {PARAM_SHARDINGS}, got "
+                       f"{param_sharding!r}")
+    self.param_sharding = param_sharding
     if not isinstance(optimizers, Mapping):
       optimizers = {MODEL_GROUP: optimizers}
     self.optimizers = dict(optimizers)
@@ -90,21 +98,35 @@ class Trainer:
                            f"{sorted(str(k) for k in rest.keys())}; give every top-level "
                            f"attribute an optimizer")
     # Copies: train steps donate their inputs, and the caller's model must outlive them.
-    self.init_params = replicate(jax.tree.map(jnp.copy, dict(zip(self.groups, states))), mesh)
+    self.init_params = self.place(jax.tree.map(jnp.copy, dict(zip(self.groups, states))))
+    opt_shapes = jax.eval_shape(self._opt_init, self.init_params)
+    out_shardings = (self.placement(self.init_params), self.placement(opt_shapes),
+                     replicated(mesh))
     self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
-                         static_argnames=("trainable",),
-                         out_shardings=replicated(mesh))
+                         static_argnames=("trainable",), out_shardings=out_shardings)
     self._steps = jax.jit(self._train_steps, donate_argnums=(0, 1),
-                          static_argnames=("trainable",),
-                          out_shardings=replicated(mesh))
+                          static_argnames=("trainable",), out_shardings=out_shardings)
+
+  def placement(self, tree):
+    """Shardings of parameters or optimizer state (`param_sharding`)."""
+    if self.param_sharding == "fsdp":
+      return fsdp_shardings(tree, self.mesh)
+    return jax.tree.map(lambda _: replicated(self.mesh), tree)
+
+  def place(self, tree):
+    """Parameters or optimizer state placed on the mesh (`placement`)."""
+    return jax.device_put(tree, self.placement(tree))
+
+  def _opt_init(self, params: Mapping) -> dict:
+    return {g: self.optimizers[g].init(params[g]) for g in self.groups}
 
   def merge(self, params: Mapping) -> nnx.Module:
     """The model with the parameters of every group in `params`."""
     return nnx.merge(self.graphdef, *(params[g] for g in self.groups))
 
   def init_opt_state(self, params: Mapping) -> dict:
-    """Fresh optimizer state of every group, replicated."""
-    return replicate({g: self.optimizers[g].init(params[g]) for g in self.groups}, self.mesh)
+    """Fresh optimizer state of every group, placed as the parameters' (`placement`)."""
+    return self.place(self._opt_init(params))
 
   def check_trainable(self, trainable) -> tuple[str, ...]:
     trainable = self.groups if trainable is None else tuple(trainable)
@@ -243,5 +265,5 @@ class Trainer:
 
     return loop.fit(name=name, params=params, opt_state=self.init_opt_state(params),
                     train_step=step, epoch_batches=epoch_batches, evaluate=evaluate,
-                    cfg=loop_cfg, checkpoint_dir=checkpoint_dir, mesh=self.mesh,
+                    cfg=loop_cfg, checkpoint_dir=checkpoint_dir,
                     after_epoch=after_epoch, interrupt_after_epoch=interrupt_after_epoch)
