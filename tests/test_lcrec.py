@@ -91,33 +91,34 @@ def test_loss_is_the_response_cross_entropy():
   assert aux == {}
 
   previous = jax.tree.map(lambda x: x * 0.5, nnx.state(model, lora.LoRAParam))
-  context = {"item_tokens": item_tokens, "previous_adapters": previous}
-  peso, aux = lcrec.lcrec_loss(model, batch, None, context, prompt=PROMPT, proximal_weight=2.0)
+  context = {"item_tokens": item_tokens, "previous_adapters": previous,
+             "proximal_weight": jnp.float32(2.0)}
+  peso, aux = lcrec.lcrec_loss(model, batch, None, context, prompt=PROMPT)
   penalty = lora.proximal_kl(nnx.state(model, lora.LoRAParam), previous)
   np.testing.assert_allclose(float(peso), float(loss) + 2.0 * float(penalty), rtol=1e-5)
   assert float(aux["proximal"]) > 0
 
 
-def test_ranking_equals_brute_force_over_the_catalog():
+@pytest.mark.parametrize("weights", [(1.0,), (0.5, 0.5)])
+def test_ranking_equals_brute_force_over_the_catalog(weights):
   """With a beam that holds every prefix, the constrained search returns every item in the
-  order of its identifier's log-probability after the prompt (brute force over the table)."""
-  model = _model(3)
+  order of its identifier's log-probability after the prompt (brute force over the table);
+  with two models (LSAT's score averaging), of the weighted sum of theirs."""
+  from genrec_jax.decoding.trie import search_trie, trie_capacity
+  models = tuple(_model(3 + 2 * i) for i in range(len(weights)))
   history = jnp.array([[-1, 1, 3], [2, 4, 5]])
   item_tokens = _item_tokens()
-  trie_table = TABLE
-  from genrec_jax.decoding.trie import search_trie, trie_capacity
-  trie = jax.tree.map(jnp.asarray, search_trie(trie_table, trie_capacity(
-      trie_table.level_sizes, 6)))
-  items, scores = lcrec.lcrec_rank(model, history, item_tokens, trie, PROMPT,
+  trie = jax.tree.map(jnp.asarray, search_trie(TABLE, trie_capacity(TABLE.level_sizes, 6)))
+  items, scores = lcrec.lcrec_rank(models, weights, history, item_tokens, trie, PROMPT,
                                    offsets=tuple(int(o) for o in TABLE.offsets),
                                    level_sizes=tuple(TABLE.level_sizes), beam_size=8,
                                    constrained=True, level_softmax=False)
   shift = BACKBONE.vocab_size - 1
   for row in range(2):
     prompt = _unpadded_prompt(np.asarray(history[row]), np.asarray(item_tokens))
-    brute = [float(_sequence_logp(model, prompt, [int(t) + shift for t in
-                                                  np.asarray(item_tokens)[i]]).sum())
-             for i in range(6)]
+    brute = [sum(w * float(_sequence_logp(m, prompt, [int(t) + shift for t in
+                                                      np.asarray(item_tokens)[i]]).sum())
+                 for m, w in zip(models, weights)) for i in range(6)]
     order = np.argsort(brute)[::-1]
     assert np.asarray(items[row])[:6].tolist() == order.tolist()
     np.testing.assert_allclose(np.asarray(scores[row])[:6], np.sort(brute)[::-1], atol=1e-4)

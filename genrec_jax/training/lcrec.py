@@ -10,9 +10,9 @@ ranking is trie-constrained beam search (beam 20) with the library's model-agnos
   base_vocab + t - 1.
 - Loss (`lcrec_loss`): cross-entropy on the response only, the target's D identifier tokens and
   the end-of-sequence token (LC-Rec's `only_train_response`), averaged over the D + 1 tokens and
-  the real samples; logits are computed at those D + 1 positions only. With
-  `proximal_weight` > 0 the objective adds PESO's proximal term, lambda times
-  `lora.proximal_kl` of the adapters against `context["previous_adapters"]`.
+  the real samples; logits are computed at those D + 1 positions only. Given the previous
+  period's adapters in its context, the objective adds PESO's proximal term, lambda times
+  `lora.proximal_kl` of the adapters against them.
 - Ranking (`lcrec_rank`): the prompt minus its last token is prefilled into a key/value cache;
   the beam search's start token is that last token (the same for every prompt), and each step
   feeds one token per beam through the cache. Scores are log-softmaxes over the whole extended
@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -36,8 +37,8 @@ from genrec_jax.decoding.trie import SparseTrie, Trie
 from genrec_jax.recommenders import lora
 from genrec_jax.recommenders.lcrec import LCRec, PromptTokens
 from genrec_jax.recommenders.qwen2 import Qwen2, causal_mask, positions_from_mask
-from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, identifier_nll, optimizer,
-                                     target_tokens, weighted_mean)
+from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, device_trie, identifier_nll,
+                                     optimizer, rank_samples, target_tokens, weighted_mean)
 from genrec_jax.training.trainer import Trainer
 
 TRAINED, FROZEN = "trained", "frozen"
@@ -75,12 +76,13 @@ def prompt_inputs(history: jax.Array, item_tokens: jax.Array, prompt: PromptToke
 
 
 def lcrec_loss(model: LCRec, batch: dict, key: jax.Array | None, context: dict, *,
-               prompt: PromptTokens, proximal_weight: float = 0.0) -> tuple[jax.Array, dict]:
+               prompt: PromptTokens) -> tuple[jax.Array, dict]:
   """Response cross-entropy of a batch (module docstring), plus PESO's proximal term.
 
   batch: `history` int32 [B, slots], `target` int32 [B] (-1 = filler), `weight` float [B];
-  context: `item_tokens` int32 [N, D] (table token ids), and with proximal_weight > 0
-  `previous_adapters` (the previous period's `nnx.state(model, LoRAParam)`)."""
+  context: `item_tokens` int32 [N, D] (table token ids); for PESO also `previous_adapters`
+  (the previous period's `nnx.state(model, LoRAParam)`) and `proximal_weight` (lambda, a
+  float32 scalar), `LCRecTrainer.proximal_context`."""
   item_tokens = llm_item_tokens(context["item_tokens"], model.base_vocab)
   tokens, mask = prompt_inputs(batch["history"], item_tokens, prompt)
   targets, _ = target_tokens(batch["target"], item_tokens)  # [B, D]
@@ -90,10 +92,10 @@ def lcrec_loss(model: LCRec, batch: dict, key: jax.Array | None, context: dict, 
   h, _ = model.states(inputs, positions_from_mask(full), causal_mask(full), key=key)
   logits = model.logits(h[:, tokens.shape[1] - 1:])  # [B, D + 1, V]: predicts the response
   loss = weighted_mean(identifier_nll(logits, response), batch["weight"])
-  if proximal_weight <= 0:
+  if "previous_adapters" not in context:
     return loss, {}
   penalty = lora.proximal_kl(nnx.state(model, lora.LoRAParam), context["previous_adapters"])
-  return loss + proximal_weight * penalty, {"proximal": penalty}
+  return loss + context["proximal_weight"] * penalty, {"proximal": penalty}
 
 
 def prefill(model: LCRec, history: jax.Array, item_tokens: jax.Array, prompt: PromptTokens):
@@ -114,17 +116,25 @@ def decode_step(model: LCRec, last_tokens: jax.Array, state):
   return logp, (cache, jnp.concatenate([past, new], axis=1), position + 1)
 
 
-def lcrec_rank(model: LCRec, history: jax.Array, item_tokens: jax.Array,
-               trie: Trie | SparseTrie, prompt: PromptTokens, *, offsets, level_sizes,
-               beam_size, constrained, level_softmax) -> tuple[jax.Array, jax.Array]:
+def lcrec_rank(models: tuple[LCRec, ...], weights: tuple[float, ...], history: jax.Array,
+               item_tokens: jax.Array, trie: Trie | SparseTrie, prompt: PromptTokens, *,
+               offsets, level_sizes, beam_size, constrained, level_softmax
+               ) -> tuple[jax.Array, jax.Array]:
   """Beam search over identifiers after each history's prompt: (items int32 [B, beam], scores
-  [B, beam]), each item once. `offsets` are the table's (shifted to LLM ids here)."""
-  state = prefill(model, history, item_tokens, prompt)
-  shift = model.base_vocab - 1
+  [B, beam]), each item once. Each step scores tokens by the weighted sum of the models'
+  log-probabilities (one model: its own; LSAT's score averaging: two, weights 0.5). `offsets`
+  are the table's (shifted to LLM ids here)."""
+  states = tuple(prefill(m, history, item_tokens, prompt) for m in models)
+
+  def step_fn(last_tokens, states):
+    out = [decode_step(m, last_tokens, state) for m, state in zip(models, states)]
+    return sum(w * logp for w, (logp, _) in zip(weights, out)), tuple(s for _, s in out)
+
+  shift = models[0].base_vocab - 1
   items, _, scores = beam_search(
-      functools.partial(decode_step, model), state, history.shape[0], trie,
-      tuple(o + shift for o in offsets), level_sizes, beam_size, constrained=constrained,
-      level_softmax=level_softmax, start_token=prompt.suffix[-1])
+      step_fn, states, history.shape[0], trie, tuple(o + shift for o in offsets), level_sizes,
+      beam_size, constrained=constrained, level_softmax=level_softmax,
+      start_token=prompt.suffix[-1])
   return distinct_items(items, scores)
 
 
@@ -145,42 +155,79 @@ class LCRecTrainer(GRMTrainer):
     backbone: a Qwen2 model, loaded from a checkpoint or randomly initialised; wrapped in
       place with LoRA adapters.
     num_identifier_tokens: the identifier table's symbols (its vocab_size - 1).
-    prompt: the prompt's token ids (`byte_prompt_tokens`, `checkpoint_prompt_tokens`, ...).
+    prompt: the prompt's token ids (`word_prompt_tokens`, `checkpoint_prompt_tokens`, ...).
     lora_cfg, cfg, mesh, seed: adapters, optimisation/decoding settings, devices, init seed.
-    proximal_weight: PESO's lambda (0: plain fine-tuning); the train step then expects the
-      previous adapters in its context (`train(..., context=...)`, `adapter_context`).
     train_vocabulary: also train the base embedding and output layer (LC-Rec's code).
+    train_backbone_from_init: a fit that starts from the initial parameters (`params=None`)
+      trains the whole model, the backbone included: the stand-in for an LLM's pre-training
+      when the backbone is randomly initialised (cpu presets). Fits from given parameters
+      train the adapters and identifier rows only.
     param_sharding: "replicated" or "fsdp" (the backbone split over the devices, `Trainer`).
   """
 
   def __init__(self, backbone: Qwen2, num_identifier_tokens: int, prompt: PromptTokens,
                lora_cfg: lora.LoRAConfig, cfg: GRMTrainConfig, mesh, seed: int = 0,
-               proximal_weight: float = 0.0, train_vocabulary: bool = False,
+               train_vocabulary: bool = False, train_backbone_from_init: bool = False,
                param_sharding: str = "replicated"):
     if cfg.level_softmax:
       raise ValueError("LC-Rec scores identifiers over its whole vocabulary; "
                        "grm.level_softmax must be False")
     self.model_cfg, self.prompt = backbone.cfg, prompt
-    self.proximal_weight = proximal_weight
+    self.train_backbone_from_init = train_backbone_from_init
     model = LCRec(backbone, num_identifier_tokens, lora_cfg, rngs=nnx.Rngs(seed))
+    frozen = optimizer(cfg) if train_backbone_from_init else optax.set_to_zero()
     self._start(cfg, mesh, Trainer(
-        model, functools.partial(lcrec_loss, prompt=prompt, proximal_weight=proximal_weight),
-        {TRAINED: optimizer(cfg), FROZEN: optax.set_to_zero()}, mesh,
+        model, functools.partial(lcrec_loss, prompt=prompt),
+        {TRAINED: optimizer(cfg), FROZEN: frozen}, mesh,
         filters={TRAINED: trained_filter(train_vocabulary), FROZEN: ...},
         param_sharding=param_sharding),
         trainable=(TRAINED,))
+    self._rank_mixture = jax.jit(self._rank_mixture_batch, static_argnames=(
+        "weights", "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
+
+  def train(self, table, num_items, train, valid, checkpoint_dir, params=None, loop_cfg=None,
+            context=None):
+    """`GRMTrainer.train`; from the initial parameters with `train_backbone_from_init`, every
+    group trains."""
+    self.trainable = ((TRAINED, FROZEN) if params is None and self.train_backbone_from_init
+                      else (TRAINED,))
+    return super().train(table, num_items, train, valid, checkpoint_dir, params, loop_cfg,
+                         context)
 
   def adapters(self, params):
     """The LoRA adapters of `params` (an `nnx.State` of LoRAParam variables)."""
     return nnx.state(self.trainer.merge(params), lora.LoRAParam)
 
   def with_adapters(self, params, adapters):
-    """`params` with their LoRA adapters replaced by `adapters` (same structure)."""
+    """`params` with their LoRA adapters replaced by `adapters` (same structure), on the
+    mesh."""
     model = self.trainer.merge(jax.tree.map(jnp.copy, params))
     nnx.update(model, adapters)
-    return dict(zip(self.trainer.groups, nnx.split(model, *(
-        self.trainer.filters[g] for g in self.trainer.groups))[1:]))
+    return self.trainer.place(dict(zip(self.trainer.groups, nnx.split(model, *(
+        self.trainer.filters[g] for g in self.trainer.groups))[1:])))
+
+  def proximal_context(self, previous_params, weight: float) -> dict:
+    """The train context of PESO: the adapters of `previous_params` and lambda."""
+    return {"previous_adapters": self.adapters(previous_params),
+            "proximal_weight": jnp.float32(weight)}
 
   def _rank_batch(self, params, history, item_tokens, trie, **static):
-    return lcrec_rank(self.trainer.merge(params), history, item_tokens, trie, self.prompt,
-                      **static)
+    return lcrec_rank((self.trainer.merge(params),), (1.0,), history, item_tokens, trie,
+                      self.prompt, **static)
+
+  def _rank_mixture_batch(self, params_list, history, item_tokens, trie, weights, **static):
+    models = tuple(self.trainer.merge(p) for p in params_list)
+    return lcrec_rank(models, weights, history, item_tokens, trie, self.prompt, **static)
+
+  def rank_mixture(self, params_list, weights: tuple[float, ...], table, num_items: int,
+                   samples, beam_size: int | None = None) -> np.ndarray:
+    """`rank` with several models whose per-step log-probabilities are mixed with `weights`
+    (LSAT's score averaging)."""
+    static = self._rank_static(table, beam_size)
+    item_tokens = self.item_tokens(table, num_items)
+    trie = device_trie(table, num_items, self.mesh)
+    return rank_samples(
+        lambda history: self._rank_mixture(tuple(params_list), history, item_tokens, trie,
+                                           weights=tuple(weights), **static)[0],
+        samples, self.cfg.eval_batch_size, self.cfg.length_buckets, static["beam_size"],
+        self.mesh)
