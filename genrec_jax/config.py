@@ -105,6 +105,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.grad_clip = 0.0  # Global gradient-norm clipping (0 = none; UniGRec code: 1.0).
 
   c.grm = ml_collections.ConfigDict()
+  c.grm.backbone = "t5"  # "t5" (TIGER's encoder-decoder) | "lcrec" (a Qwen2 LLM with LoRA over
+  #   identifier prompts, DACT Table 3; continual method only, grm.lcrec.* and grm.checkpoint).
+  c.grm.checkpoint = ""  # lcrec: a local Hugging Face Qwen2 checkpoint directory (config.json,
+  #   safetensors, tokenizer.json), or "random" for a randomly initialised backbone of the
+  #   grm.lcrec sizes. Nothing is downloaded.
+  c.grm.lcrec = ml_collections.ConfigDict()  # LC-Rec backbone (grm.backbone="lcrec").
+  c.grm.lcrec.vocab_size = 151936  # Sizes of a random backbone (a checkpoint brings its own):
+  c.grm.lcrec.hidden_size = 1536  # the defaults are Qwen2.5-1.5B-Instruct's.
+  c.grm.lcrec.intermediate_size = 8960
+  c.grm.lcrec.num_layers = 28
+  c.grm.lcrec.num_heads = 12
+  c.grm.lcrec.num_kv_heads = 2
+  c.grm.lcrec.rope_theta = 1e6
+  c.grm.lcrec.tie_word_embeddings = True
+  c.grm.lcrec.lora_rank = 8  # LoRA r (LC-Rec / DACT).
+  c.grm.lcrec.lora_alpha = 32.0  # LoRA alpha (scaling alpha / r).
+  c.grm.lcrec.lora_dropout = 0.05  # Dropout of the adapters' inputs (LC-Rec).
+  c.grm.lcrec.dtype = "float32"  # Activations and matmul inputs: "float32" | "bfloat16".
+  c.grm.lcrec.param_dtype = "float32"  # Stored base weights: "float32" | "bfloat16" (adapters,
+  #   identifier rows and optimizer state stay float32).
+  c.grm.lcrec.param_sharding = "replicated"  # "fsdp": base weights and optimizer state split
+  #   over the devices (models that do not fit one device).
+  c.grm.lcrec.train_vocabulary = False  # Also train the base embedding and output layer
+  #   (LC-Rec's code, PEFT modules_to_save); False: the added identifier rows only.
+  c.grm.lcrec.train_backbone_from_init = False  # Period 0 trains the whole backbone (a stand-in
+  #   for pre-training when grm.checkpoint="random"); later fits train adapters and rows.
   c.grm.d_model = 128  # T5 model width.
   c.grm.d_ff = 1024  # Feed-forward width.
   c.grm.num_heads = 6  # Attention heads.
@@ -180,6 +206,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual.dact.log_every = 500  # Steps between progress lines.
   c.continual.dact.steps_per_dispatch = 1  # Updates per compiled call (as
   #   tokenizer.steps_per_dispatch; the same updates).
+  c.continual.lsat = ml_collections.ConfigDict()  # LSAT (lcrec backbone): two LoRA adapters.
+  c.continual.lsat.combine = "merge"  # "merge": adapters (and identifier rows) merged entry-wise
+  #   weight * long + (1 - weight) * short | "scores": the two models' log-probabilities mixed.
+  c.continual.lsat.weight = 0.5  # Weight of the long-term adapter.
+  c.continual.lsat.long_term_data = "period"  # Long-term adapter updated on each D_t from the
+  #   previous one ("period", cumulative updating as DACT describes it) | on D_0..D_t ("all").
+  c.continual.peso = ml_collections.ConfigDict()  # PESO (lcrec backbone).
+  c.continual.peso.weight = 2.0  # lambda of the proximal KL towards the previous adapters.
 
   c.etegrec = ml_collections.ConfigDict()  # Used by method "etegrec" (METHODS.md section 6).
   c.etegrec.cycle = 2  # C: one tokenizer epoch, then C - 1 recommender epochs (paper: 2 or 4).
@@ -267,7 +301,8 @@ class ConfigError(ValueError):
 
 METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec", "unigrec", "pit")  # methods.REGISTRY
 CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact",
-                     "pit")
+                     "pit", "lsat", "peso")
+LCREC_ONLY_METHODS = ("lsat", "peso")  # LoRA baselines of DACT Table 3
 CHOICES = {
     "method": METHOD_NAMES,
     "data.format": ("auto", "csv", "mcauley_json", "ratings_csv", "amazon2023_jsonl"),
@@ -287,6 +322,12 @@ CHOICES = {
     "unigrec.distill_logit_sign": ("distance", "code"),
     "unigrec.distill_level_reduction": ("sum", "mean"),
     "pit.selection": ("min_loss", "random"),
+    "grm.backbone": ("t5", "lcrec"),
+    "grm.lcrec.dtype": ("float32", "bfloat16"),
+    "grm.lcrec.param_dtype": ("float32", "bfloat16"),
+    "grm.lcrec.param_sharding": ("replicated", "fsdp"),
+    "continual.lsat.combine": ("merge", "scores"),
+    "continual.lsat.long_term_data": ("period", "all"),
 }
 POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epochs",
             "sasrec.batch_size", "sasrec.max_len", "sasrec.steps_per_dispatch",
@@ -299,7 +340,9 @@ POSITIVE = ("cpu_devices", "data.max_history", "sasrec.hidden_dim", "sasrec.epoc
             "etegrec.epochs", "etegrec.eval_every", "unigrec.epochs", "unigrec.eval_every",
             "pit.max_identifiers", "pit.candidates", "pit.index_every", "pit.embedding_dim",
             "pit.warmstart_steps", "pit.warmstart_batch_size", "pit.generator.d_model",
-            "pit.generator.num_heads", "pit.generator.num_layers")
+            "pit.generator.num_heads", "pit.generator.num_layers", "grm.lcrec.lora_rank",
+            "grm.lcrec.hidden_size", "grm.lcrec.num_layers", "grm.lcrec.num_heads",
+            "grm.lcrec.num_kv_heads")
 
 
 SHARDED_BATCHES = ("sasrec.batch_size", "tokenizer.batch_size", "grm.batch_size",
@@ -413,6 +456,39 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.method == "continual" and unknown:
     raise ConfigError(f"continual.methods has unknown {sorted(unknown)}; choose from "
                       f"{CONTINUAL_METHODS}")
+  check_backbone(config, uses_pit)
+
+
+def check_backbone(config: ml_collections.ConfigDict, uses_pit: bool) -> None:
+  """The LC-Rec backbone's fields (`check_config`)."""
+  g, lc = config.grm, config.grm.lcrec
+  lcrec_methods = sorted(set(config.continual.methods) & set(LCREC_ONLY_METHODS))
+  if g.backbone == "t5":
+    if config.method == "continual" and lcrec_methods:
+      raise ConfigError(f"continual.methods {lcrec_methods} are LoRA baselines of the LC-Rec "
+                        f"backbone; set grm.backbone='lcrec' or drop them")
+    return
+  if config.method != "continual":
+    raise ConfigError(f"grm.backbone='lcrec' is implemented for method=continual (DACT "
+                      f"Table 3), not method={config.method!r}; use grm.backbone='t5'")
+  if uses_pit:
+    raise ConfigError("continual method 'pit' runs on the T5 backbone; drop it from "
+                      "continual.methods or set grm.backbone='t5'")
+  if g.checkpoint != "random" and not os.path.isfile(os.path.join(g.checkpoint,
+                                                                  "config.json")):
+    raise ConfigError(f"grm.checkpoint={g.checkpoint!r} is not a checkpoint directory (no "
+                      f"config.json); give --config.grm.checkpoint=DIR, a local Qwen2 "
+                      f"checkpoint (e.g. Qwen2.5-1.5B-Instruct), or 'random'")
+  if lc.num_heads % lc.num_kv_heads or lc.hidden_size % lc.num_heads:
+    raise ConfigError(f"grm.lcrec.num_heads={lc.num_heads} must divide hidden_size="
+                      f"{lc.hidden_size} and be a multiple of num_kv_heads={lc.num_kv_heads}")
+  if g.level_softmax:
+    raise ConfigError("grm.level_softmax does not apply to the LC-Rec backbone (it scores "
+                      "identifiers over its whole vocabulary); set it to False")
+  if not 0 <= config.continual.lsat.weight <= 1 or config.continual.peso.weight < 0:
+    raise ConfigError(f"continual.lsat.weight={config.continual.lsat.weight} must lie in "
+                      f"[0, 1] and continual.peso.weight={config.continual.peso.weight} be "
+                      f">= 0")
 
 
 def dataset_paths(config: ml_collections.ConfigDict, name: str) -> None:
@@ -644,17 +720,52 @@ def pit_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
     c.pit.warmstart_steps = 500
 
 
+def lcrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
+  """The continual protocol on the LC-Rec backbone (DACT Table 3; `continual_settings` for the
+  tokenizer side): Qwen2.5-1.5B-Instruct from `--config.grm.checkpoint=DIR` with LoRA r 8,
+  alpha 32, dropout 0.05 on q/k/v/o/gate/up/down, lr 2e-5 (the paper); LC-Rec's batch of 128
+  (8 per device x 2 accumulation x 8 GPUs) and 4 epochs, bf16 weights and activations. Ours:
+  validation on 2,000 users, evaluation batches of 32 users (x 20 beams).
+
+  "cpu": a random backbone of the same architecture (2 layers, width 64, GQA 4/2 heads, a
+  512-token base vocabulary, tied output), trained whole at period 0 (the stand-in for an LLM's
+  pre-training; `grm.lcrec.train_backbone_from_init`), then LoRA and identifier rows only, at
+  the cpu T5's learning rate.
+  """
+  c.grm.backbone = "lcrec"
+  c.continual.methods = ("frozen", "ft_tok", "ft_grm", "ft_both", "reformer", "dact", "lsat",
+                         "peso")
+  if not cpu:
+    c.grm.learning_rate = 2e-5
+    c.grm.weight_decay = 0.01
+    c.grm.batch_size = 128
+    c.grm.epochs = 4
+    c.grm.patience = 2
+    c.grm.eval_batch_size = 32
+    c.grm.valid_users = 2000
+    c.continual.finetune_epochs = 4
+    c.continual.patience = 2
+    c.grm.lcrec.dtype = "bfloat16"
+    c.grm.lcrec.param_dtype = "bfloat16"
+    return
+  c.grm.checkpoint = "random"
+  c.grm.lcrec.update(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2,
+                     num_heads=4, num_kv_heads=2, rope_theta=10000.0,
+                     train_backbone_from_init=True)
+
+
 METHOD_SETTINGS = {"tiger": tiger_settings, "letter": letter_settings,
                    "sasrec": sasrec_settings, "continual": continual_settings,
                    "etegrec": etegrec_settings, "unigrec": unigrec_settings,
                    "pit": pit_settings}
 
 
-def method_config(method: str, dataset: str, preset: str = "") -> ml_collections.ConfigDict:
+def method_config(method: str, dataset: str, preset: str = "", backbone: str = "t5"
+                  ) -> ml_collections.ConfigDict:
   """The config of `method` on a shared Amazon 2014 dataset ("toys", "beauty") with a preset
   ("" = the paper's settings, "cpu" = a 2-core CPU, "smoke" = a few steps per stage):
   `base_config`, the dataset's paths, `apply_preset`, then the method's own settings
-  (`METHOD_SETTINGS`, documented there)."""
+  (`METHOD_SETTINGS`, documented there), then the backbone's ("lcrec": `lcrec_settings`)."""
   if method not in METHOD_SETTINGS:
     raise ValueError(f"unknown method {method!r}; one of {sorted(METHOD_SETTINGS)}")
   c = base_config()
@@ -662,6 +773,8 @@ def method_config(method: str, dataset: str, preset: str = "") -> ml_collections
   dataset_paths(c, dataset)
   apply_preset(c, preset)
   METHOD_SETTINGS[method](c, cpu=preset in ("cpu", "smoke"))
+  if backbone == "lcrec":
+    lcrec_settings(c, cpu=preset in ("cpu", "smoke"))
   if preset == "smoke":
     smoke_settings(c)
   return c

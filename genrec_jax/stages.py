@@ -26,6 +26,10 @@ from genrec_jax.config import ConfigError, check_config
 from genrec_jax.data import leave_one_out, load_interactions
 from genrec_jax.data.interactions import Interactions, index_interactions, k_core_filter
 from genrec_jax.data.splits import StaticSplit, subsample, training_windows
+from genrec_jax.recommenders.hf_checkpoint import load_qwen2
+from genrec_jax.recommenders.lcrec import checkpoint_prompt_tokens, word_prompt_tokens
+from genrec_jax.recommenders.lora import LoRAConfig
+from genrec_jax.recommenders.qwen2 import Qwen2, Qwen2Config
 from genrec_jax.recommenders.sasrec import SASRecConfig
 from genrec_jax.recommenders.t5 import T5Config
 from genrec_jax.tokenizers.identifiers import IdentifierTable, write_identifiers_csv
@@ -34,6 +38,7 @@ from genrec_jax.tokenizers.rqkmeans import fit_rq_kmeans
 from genrec_jax.tokenizers.rqvae import RQVAE, RQVAEConfig
 from genrec_jax.training.checkpoint import restore_or_run
 from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer
+from genrec_jax.training.lcrec import LCRecTrainer
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sasrec import SASRecTrainConfig, SASRecTrainer
 from genrec_jax.training.sharding import make_mesh
@@ -227,8 +232,37 @@ def sasrec_trainer(config, num_items: int, mesh) -> SASRecTrainer:
 
 
 def grm_trainer(config, vocab_size: int, mesh) -> GRMTrainer:
+  """The recommender's trainer for an identifier vocabulary of `vocab_size` tokens (pad
+  included): TIGER's T5, or LC-Rec (`grm.backbone`)."""
+  if config.grm.backbone == "lcrec":
+    return lcrec_trainer(config, vocab_size, mesh)
   return GRMTrainer(grm_model_config(config, vocab_size), grm_train_config(config), mesh,
                     seed=config.seed)
+
+
+def lcrec_trainer(config, vocab_size: int, mesh) -> LCRecTrainer:
+  """LC-Rec over a Qwen2 backbone: the checkpoint of `grm.checkpoint` with its tokenizer, or
+  a random backbone of the grm.lcrec sizes with the word-level stand-in prompt."""
+  g, lc = config.grm, config.grm.lcrec
+  if g.checkpoint == "random":
+    backbone = Qwen2(Qwen2Config(
+        vocab_size=lc.vocab_size, hidden_size=lc.hidden_size,
+        intermediate_size=lc.intermediate_size, num_layers=lc.num_layers,
+        num_heads=lc.num_heads, num_kv_heads=lc.num_kv_heads, rope_theta=lc.rope_theta,
+        tie_word_embeddings=lc.tie_word_embeddings, dtype=lc.dtype,
+        param_dtype=lc.param_dtype), rngs=nnx.Rngs(config.seed))
+    prompt = word_prompt_tokens(lc.vocab_size)
+  else:
+    backbone = load_qwen2(g.checkpoint, dtype=lc.dtype, param_dtype=lc.param_dtype)
+    prompt = checkpoint_prompt_tokens(g.checkpoint)
+  logging.info("[grm] LC-Rec backbone %s: %s", g.checkpoint, backbone.cfg)
+  return LCRecTrainer(backbone, vocab_size - 1, prompt,
+                      LoRAConfig(rank=lc.lora_rank, alpha=lc.lora_alpha,
+                                 dropout=lc.lora_dropout),
+                      grm_train_config(config), mesh, seed=config.seed,
+                      train_vocabulary=lc.train_vocabulary,
+                      train_backbone_from_init=lc.train_backbone_from_init,
+                      param_sharding=lc.param_sharding)
 
 
 def grm_model_config(config, vocab_size: int) -> T5Config:

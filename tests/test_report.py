@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from genrec_jax.evaluation.paper_tables import DACT_TIGER, METHOD_NAMES
+from genrec_jax.evaluation.paper_tables import DACT_LCREC, DACT_TIGER, METHOD_NAMES
 from genrec_jax.evaluation.report import write_report
 
 METRICS = ("recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20")
@@ -79,9 +79,13 @@ def test_report_survives_missing_pieces(tmp_path):
   assert os.path.getsize(png_path) > 0
 
 
-def _parse_table2(path: str) -> dict:
-  """{(dataset, method label): 16 cell strings} of the markdown's DACT Table 2 section."""
-  section = open(path).read().split("### DACT Table 2: TIGER (T5) backbone")[1]
+TABLE2 = "### DACT Table 2: TIGER (T5) backbone"
+TABLE3 = "### DACT Table 3: LC-Rec (Qwen2.5-1.5B-Instruct + LoRA) backbone"
+
+
+def _parse_table2(path: str, heading: str = TABLE2) -> dict:
+  """{(dataset, method label): 16 cell strings} of the markdown's section under `heading`."""
+  section = open(path).read().split(heading)[1]
   section = section.split("###")[0]
   rows = {}
   for line in section.splitlines():
@@ -106,14 +110,16 @@ def test_paper_cells_match_the_markdown(shared_dir, dataset, method, period, met
       rows[(dataset, METHOD_NAMES[method])][column])
 
 
-def test_every_paper_cell_matches_the_markdown(shared_dir):
+@pytest.mark.parametrize("heading,table,count", [(TABLE2, DACT_TIGER, 21),
+                                                 (TABLE3, DACT_LCREC, 16)])
+def test_every_paper_cell_matches_the_markdown(shared_dir, heading, table, count):
   path = os.path.join(shared_dir, "reference", "PAPER_TABLES.md")
   if not os.path.exists(path):
     pytest.skip(f"{path} not found")
-  rows = _parse_table2(path)
-  assert len(rows) == 21
+  rows = _parse_table2(path, heading)
+  assert len(rows) == count
   for (dataset, label), cells in rows.items():
     method = next(k for k, v in METHOD_NAMES.items() if v == label)
-    ours = [DACT_TIGER[dataset][method][t][k] for t in range(1, 5)
+    ours = [table[dataset][method][t][k] for t in range(1, 5)
             for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10")]
     assert ours == [float(c) for c in cells], (dataset, label)

@@ -3,7 +3,7 @@
 Everything is derived from the per-period rows of results.json (not from its "analyses"), so a
 report can also be written from a partial results.json while methods are still running. Missing
 pieces (a method not run, a period not reached, a cold group without users) render as "-".
-Where the dataset is one of the DACT paper's, its TIGER-backbone numbers sit beside ours.
+Where the dataset is one of the DACT paper's, its numbers for the run's backbone sit beside ours.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import os
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from genrec_jax.evaluation.paper_tables import DACT_TABLE4_TOOLS, DACT_TIGER, METHOD_NAMES
+from genrec_jax.evaluation.paper_tables import (DACT_LCREC, DACT_TABLE4_TOOLS, DACT_TIGER,
+                                                METHOD_NAMES)
 
 PAPER_METRICS = (("recall@5", "H@5"), ("recall@10", "H@10"), ("ndcg@5", "N@5"),
                  ("ndcg@10", "N@10"))
@@ -26,10 +27,10 @@ HOW_TO_READ = """\
 All metrics are fractions (0.0531 = 5.31 %), ranking the full catalog with one relevant item
 per test user. H@K is Hit@K, which equals Recall@K with one relevant item; N@K is NDCG@K.
 Periods P1..P4 follow the pre-training period D0; each method is evaluated on period t's test
-targets with its own identifier table of period t. "paper" rows are the DACT paper's TIGER
-backbone (Table 2) on the same dataset, for comparison only. "-" marks a value that was not
-produced (method not run, period not reached, or a group without users); a mean over periods
-is shown only when every period has a value."""
+targets with its own identifier table of period t. "paper" rows are the DACT paper's rows of
+the same backbone (Table 2: TIGER, Table 3: LC-Rec) on the same dataset, for comparison only.
+"-" marks a value that was not produced (method not run, period not reached, or a group
+without users); a mean over periods is shown only when every period has a value."""
 
 
 def write_report(results: dict, out_dir: str) -> tuple[str, str]:
@@ -38,12 +39,13 @@ def write_report(results: dict, out_dir: str) -> tuple[str, str]:
   methods = _ordered_methods(results.get("methods", {}))
   periods = _periods(results, methods)
   name = str(results.get("dataset", {}).get("name", "?"))
-  paper = DACT_TIGER.get(name.lower())
+  backbone = results.get("config", {}).get("grm", {}).get("backbone", "t5")
+  paper = (DACT_LCREC if backbone == "lcrec" else DACT_TIGER).get(name.lower())
   sections = [
       _header(results, name),
       HOW_TO_READ,
       _period_table(results.get("periods", [])),
-      _metric_table(methods, periods, paper, name),
+      _metric_table(methods, periods, paper, name, backbone),
       _code_change_table(methods),
       _warm_cold_table(methods, periods),
       _alignment_table(methods, periods),
@@ -136,8 +138,9 @@ def _period_table(periods: list[dict]) -> str:
   return "## Periods\n\n" + _table(header, rows)
 
 
-def _metric_table(methods: dict, periods: list[int], paper: dict | None, name: str) -> str:
-  """Paper-style Table 2: H@5/H@10/N@5/N@10 per period, our row then the paper's."""
+def _metric_table(methods: dict, periods: list[int], paper: dict | None, name: str,
+                  backbone: str) -> str:
+  """Paper-style Table 2 / 3: H@5/H@10/N@5/N@10 per period, our row then the paper's."""
   header = ["method", "source"] + [f"P{t} {short}" for t in periods
                                    for _, short in PAPER_METRICS] + ["mean N@10"]
   rows = []
@@ -152,10 +155,12 @@ def _metric_table(methods: dict, periods: list[int], paper: dict | None, name: s
                   + [_paper_cell(c[key]) if key in c else "-" for c in cells
                      for key, _ in PAPER_METRICS]
                   + [_fmt(_mean(c.get("ndcg@10") for c in cells))])
-  note = (f"DACT paper rows: TIGER backbone, Table 2, dataset `{name.lower()}`."
-          if paper else f"The DACT paper reports no numbers for `{name}`.")
-  return "## Test metrics per period (DACT Table 2 layout)\n\n" + _table(header, rows) + \
-      "\n\n" + note
+  table = "Table 3" if backbone == "lcrec" else "Table 2"
+  source = f"{'LC-Rec' if backbone == 'lcrec' else 'TIGER'} backbone, {table}"
+  note = (f"DACT paper rows: {source}, dataset `{name.lower()}`." if paper
+          else f"The DACT paper reports no {source} numbers for `{name}`.")
+  return (f"## Test metrics per period (DACT {table} layout)\n\n" + _table(header, rows)
+          + "\n\n" + note)
 
 
 def _code_change_table(methods: dict) -> str:

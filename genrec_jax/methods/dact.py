@@ -11,7 +11,12 @@ A method is a set of three rules (`Rules`, one per method in `METHOD_RULES`):
   identifiers keep (old identifiers fixed, new items encoded) | reencode (all items anew) |
               reformer (old fixed, new items from the updated tokenizer) |
               hierarchical (DACT's relaxed-to-strict reassignment)
-  recommender frozen | finetune (from period t-1, on D_t) | retrain (from scratch, D_0..D_t)
+  recommender frozen | finetune (from period t-1, on D_t) | retrain (from scratch, D_0..D_t) |
+              peso (finetune with PESO's proximal term towards the period t-1 adapters) |
+              lsat (LSAT's long- and short-term adapters, `methods.lsat`)
+The recommender is TIGER's T5 or, with grm.backbone="lcrec", LC-Rec (a Qwen2 LLM with LoRA,
+`training.lcrec`): the same rules apply to its adapters and identifier rows; peso and lsat are
+the LoRA baselines of DACT Table 3.
 Chains shared by several methods (the CF model, the naively fine-tuned tokenizer, identifier
 tables) are computed once. Every stage is checkpointed with Orbax under
 WORKDIR/checkpoints/..., so an interrupted run resumes in the period where it stopped.
@@ -68,6 +73,8 @@ METHOD_RULES = {  # keys: config.CONTINUAL_METHODS
     "ft_tok_rt_grm": Rules(tokenizer="naive", identifiers="reencode", recommender="retrain"),
     "reformer": Rules(tokenizer="reformer", identifiers="reformer", recommender="finetune"),
     "dact": Rules(tokenizer="dact", identifiers="hierarchical", recommender="finetune"),
+    "lsat": Rules(tokenizer="frozen", identifiers="keep", recommender="lsat"),
+    "peso": Rules(tokenizer="frozen", identifiers="keep", recommender="peso"),
 }
 
 
@@ -261,10 +268,13 @@ class ContinualRun:
     c = cf / (np.linalg.norm(cf, axis=1, keepdims=True) + 1e-8)
     return float(np.mean(np.sum(q * c, axis=1)))
 
-  def evaluate(self, params, table: IdentifierTable, t: int) -> dict:
-    """Test metrics of period t (`period_metrics`) of the recommender over `table`."""
+  def evaluate(self, params, table: IdentifierTable, t: int, rank=None) -> dict:
+    """Test metrics of period t (`period_metrics`) of the recommender over `table`; `rank`
+    (samples -> rankings) replaces the recommender's own ranking (LSAT's two adapters)."""
     test = self.periods[t].test
-    return self.period_metrics(self.recommender.rank(params, table, self.num_items, test), t)
+    if rank is None:
+      return self.period_metrics(self.recommender.rank(params, table, self.num_items, test), t)
+    return self.period_metrics(rank(test), t)
 
   def period_metrics(self, ranked: np.ndarray, t: int) -> dict:
     """Test metrics of period t from rankings int [S, beam] of its test samples: all
@@ -278,16 +288,22 @@ class ContinualRun:
       out[name]["users"] = int(mask.sum())
     return out
 
-  def train_grm(self, name: str, table: IdentifierTable, t: int, params, mode: str):
-    """Period-t recommender under `mode` (frozen | finetune | retrain) -> (params, seconds)."""
+  def train_grm(self, name: str, table: IdentifierTable, t: int, params, mode: str,
+                cumulative: bool = False):
+    """Period-t recommender under `mode` (frozen | finetune | peso | retrain) -> (params,
+    seconds). `cumulative` fine-tunes on D_0..D_t instead of D_t (LSAT's long-term adapter
+    with continual.lsat.long_term_data="all")."""
     if mode == "frozen":
       return params, 0.0
     c = self.config.continual
     period = self.periods[t]
-    if mode == "finetune":
-      train, loop_cfg = period.train, LoopConfig(
-          epochs=c.finetune_epochs, eval_every=c.finetune_eval_every, patience=c.patience,
-          seed=self.config.seed + t)
+    context = None
+    if mode in ("finetune", "peso"):
+      train = retrain_samples(self.periods, t) if cumulative else period.train
+      loop_cfg = LoopConfig(epochs=c.finetune_epochs, eval_every=c.finetune_eval_every,
+                            patience=c.patience, seed=self.config.seed + t)
+      if mode == "peso":
+        context = self.recommender.proximal_context(params, c.peso.weight)
     elif mode == "retrain":
       train, params, loop_cfg = retrain_samples(self.periods, t), None, LoopConfig(
           epochs=c.retrain_epochs, eval_every=c.finetune_eval_every, patience=c.patience,
@@ -298,8 +314,8 @@ class ContinualRun:
     start = time.time()
     selection = subsample(period.valid, self.config.grm.valid_users, self.config.seed)
     params, _ = self.recommender.train(table, self.num_items, train, selection,
-                               self.ckpt_dir(name, f"period_{t}", "grm"), params=params,
-                               loop_cfg=loop_cfg)
+                                       self.ckpt_dir(name, f"period_{t}", "grm"),
+                                       params=params, loop_cfg=loop_cfg, context=context)
     return params, time.time() - start
 
   # ----------------------------------------------------------------------------- driver
@@ -362,9 +378,14 @@ class ContinualRun:
       table = self.identifier_table(tok_rule, id_rule, t)
       tokenizer_seconds = (0.0 if tok_rule == "frozen"
                            else self.tokenizer_seconds[(tok_rule, t)])
-      params, grm_seconds = self.train_grm(name, table, t, params, grm_rule)
+      rank = None
+      if grm_rule == "lsat":  # two adapters; its own ranking (genrec_jax.methods.lsat)
+        from genrec_jax.methods import lsat
+        params, rank, grm_seconds = lsat.adapt(self, name, table, t, params, base_params)
+      else:
+        params, grm_seconds = self.train_grm(name, table, t, params, grm_rule)
       row = cached_row(os.path.join(out_dir, f"period_{t}", "result.json"), lambda: {
-          "period": t, **self.evaluate(params, table, t),
+          "period": t, **self.evaluate(params, table, t, rank),
           "code_change": reassign.code_change_rates(previous, table),
           "seconds": tokenizer_seconds + grm_seconds,
           "tokenizer_seconds": tokenizer_seconds, "grm_seconds": grm_seconds,
