@@ -301,7 +301,7 @@ class ConfigError(ValueError):
 
 METHOD_NAMES = ("tiger", "letter", "sasrec", "continual", "etegrec", "unigrec", "pit")  # methods.REGISTRY
 CONTINUAL_METHODS = ("frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact",
-                     "pit", "lsat", "peso")
+                     "lsat", "peso", "pit")
 LCREC_ONLY_METHODS = ("lsat", "peso")  # LoRA baselines of DACT Table 3
 CHOICES = {
     "method": METHOD_NAMES,

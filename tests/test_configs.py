@@ -24,6 +24,11 @@ def _load(path: Path, preset: str):
 def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
   for preset in ("", "cpu", "smoke"):
     config = _load(path, preset)
+    if config.grm.backbone == "lcrec" and preset == "":
+      # The paper's LC-Rec preset reads a local checkpoint: named in a one-line error.
+      with pytest.raises(ConfigError, match="--config.grm.checkpoint=DIR"):
+        check_config(config)
+      config.grm.checkpoint = str(Path(__file__).parent / "fixtures" / "qwen2_untied")
     check_config(config)
     # the same command and seed give the same numbers on a busy or an idle machine
     assert config.grm.max_train_minutes == 0 and config.continual.retrain_max_minutes == 0
@@ -45,6 +50,12 @@ def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
             g.d_ff, g.level_softmax, g.constrained) == (256, 128, 6, 512, True, False)
   if method == "continual":  # DACT paper: 20k steps; DACT code: mean losses
     assert (paper.tokenizer.train_unit, paper.tokenizer.loss_reduction) == ("steps", "mean")
+  if paper.grm.backbone == "lcrec":  # DACT Table 3: Qwen2.5-1.5B, LoRA r 8 / alpha 32, 2e-5
+    lc = paper.grm.lcrec
+    assert (lc.hidden_size, lc.num_layers, lc.num_heads, lc.num_kv_heads, lc.vocab_size) == (
+        1536, 28, 12, 2, 151936)
+    assert (lc.lora_rank, lc.lora_alpha, paper.grm.learning_rate) == (8, 32.0, 2e-5)
+    assert len(paper.continual.methods) == 8 and cpu.grm.checkpoint == "random"
   assert (paper.grm.warmup_steps, paper.grm.grad_clip, paper.grm.loss_reduction) == (0, 0.0,
                                                                                      "mean")
 
