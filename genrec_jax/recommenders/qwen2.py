@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genrec_jax.recommenders.t5 import RMSNorm, contract
+from genrec_jax.recommenders.t5 import RMSNorm, contract, linear
 
 DTYPES = ("float32", "bfloat16")
 
@@ -106,7 +106,7 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """`key` is accepted for the LoRA wrapper's dropout and unused here."""
     del key
-    y = contract("...i,io->...o", x, self.kernel[...], self.dtype)
+    y = linear(x, self.kernel[...], self.dtype)  # float32 on CPU: a backward pass for XLA:CPU
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
