@@ -616,6 +616,7 @@ def continual_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
     c.continual.retrain_epochs = 1  # retraining from scratch every period (the costliest row)
     # 200 tokenizer fine-tuning steps at 10x the paper's rate stand in for its 5,000 at 1e-4.
     c.continual.dact.learning_rate = 1e-3
+    c.pit.warmstart_steps = 500  # the `pit` row's generator warm start, as pit's cpu preset
 
 
 def etegrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
@@ -727,8 +728,8 @@ def lcrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   (8 per device x 2 accumulation x 8 GPUs) and 4 epochs, bf16 weights and activations. Ours:
   validation on 2,000 users, evaluation batches of 32 users (x 20 beams).
 
-  "cpu": a random backbone of the same architecture (2 layers, width 64, GQA 4/2 heads, a
-  512-token base vocabulary, tied output), trained whole at period 0 (the stand-in for an LLM's
+  "cpu": a random backbone of the same architecture (2 layers, width 64, MLP 128, GQA 4/2
+  heads, a 512-token base vocabulary, tied output), trained whole at period 0 (the stand-in for an LLM's
   pre-training; `grm.lcrec.train_backbone_from_init`), then LoRA and identifier rows only, at
   the cpu T5's learning rate.
   """
@@ -749,7 +750,7 @@ def lcrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
     c.grm.lcrec.param_dtype = "bfloat16"
     return
   c.grm.checkpoint = "random"
-  c.grm.lcrec.update(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2,
+  c.grm.lcrec.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, rope_theta=10000.0,
                      train_backbone_from_init=True)
 

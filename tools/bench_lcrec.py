@@ -44,7 +44,7 @@ from genrec_jax.training.sharding import make_mesh, replicate, shard_batch  # no
 SIZES = {  # Qwen2.5-1.5B-Instruct; the cpu preset's backbone; a test size
     "paper": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
                   num_heads=12, num_kv_heads=2, rope_theta=1e6),
-    "cpu": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2,
+    "cpu": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                 num_heads=4, num_kv_heads=2, rope_theta=1e4),
     "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1,
                  num_heads=2, num_kv_heads=1, rope_theta=1e4),
