@@ -219,3 +219,23 @@ def test_fsdp_on_eight_devices_equals_one_device():
   eight = _fsdp_run(8, "fsdp")
   assert one["devices"] == 1 and eight["devices"] == 8 and eight["kernel_shards"] == 8
   np.testing.assert_allclose(eight["losses"], one["losses"], atol=1e-5)
+
+
+def test_checkpoint_backbone_and_tokenizer(tmp_path):
+  """`grm.checkpoint=DIR` builds LC-Rec on the checkpoint's weights with the prompt encoded by
+  its own tokenizer (the fixture's word-level tokenizer.json) and its eos token."""
+  from genrec_jax.recommenders.lcrec import checkpoint_prompt_tokens
+  from genrec_jax.stages import lcrec_trainer
+  from tests.conftest import tiny_config
+  directory = os.path.join(os.path.dirname(__file__), "fixtures", "qwen2_untied")
+  prompt = checkpoint_prompt_tokens(directory)
+  assert prompt.eos == 39 and prompt.separator == (2,)  # "<|im_end|>", ","
+  assert 0 not in prompt.prefix + prompt.suffix and len(prompt.prefix) == 27  # no [UNK]
+  config = tiny_config(str(tmp_path), method="continual")
+  config.grm.update(backbone="lcrec", checkpoint=directory)
+  trainer = lcrec_trainer(config, TABLE.vocab_size, make_mesh())
+  assert trainer.prompt == prompt and trainer.model_cfg.vocab_size == 96
+  embedding = trainer.trainer.merge(trainer.init_params).backbone.embed_tokens.embedding[...]
+  from genrec_jax.recommenders.hf_checkpoint import read_safetensors
+  np.testing.assert_array_equal(np.asarray(embedding), read_safetensors(
+      os.path.join(directory, "model.safetensors"))["model.embed_tokens.weight"])

@@ -8,9 +8,11 @@ environment, once, and commit its output (a few hundred KB):
     /tmp/torchenv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch
     /tmp/torchenv/bin/pip install transformers safetensors numpy
     /tmp/torchenv/bin/python tools/make_qwen2_fixture.py --out=tests/fixtures
+    python tools/make_qwen2_fixture.py --tokenizer_only  # in the project's environment
 
 Two checkpoints:
-- `qwen2_untied`: float32 weights, separate output layer;
+- `qwen2_untied`: float32 weights, separate output layer, and a small word-level
+  `tokenizer.json` (the prompt's words) with `tokenizer_config.json`;
 - `qwen2_tied_bf16`: bfloat16 weights, output layer tied to the embedding (as Qwen2.5-1.5B);
   its logits are computed in float32 by the checkpoint loaded back with dtype float32.
 Every weight, the biases and norm scales included, is drawn at random (HF initialises biases
@@ -22,13 +24,14 @@ position ids for padded rows: real tokens counted) and `logits` float32 [3, T, V
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
-import torch
-import transformers
 
 
-def build(out: str, tied: bool, dtype: torch.dtype, seed: int) -> None:
+def build(out: str, tied: bool, dtype: str, seed: int) -> None:
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
   torch.manual_seed(seed)
   cfg = transformers.Qwen2Config(
       vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -42,7 +45,7 @@ def build(out: str, tied: bool, dtype: torch.dtype, seed: int) -> None:
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
       else:
         p.copy_(0.2 * torch.randn_like(p))
-  model = model.to(dtype)
+  model = model.to(getattr(torch, dtype))
   os.makedirs(out, exist_ok=True)
   model.save_pretrained(out, safe_serialization=True)
   # The logits come from the saved checkpoint loaded back in float32 (bf16 weights upcast
@@ -70,12 +73,38 @@ def build(out: str, tied: bool, dtype: torch.dtype, seed: int) -> None:
     json.dump({"torch": torch.__version__, "transformers": transformers.__version__}, f)
 
 
+def write_tokenizer(out: str, vocab_size: int) -> None:
+  """A small word-level tokenizer.json (the words of LC-Rec's prompt, within the fixture's
+  vocabulary) and a tokenizer_config.json naming its end-of-sequence token, so that the
+  tests read a checkpoint's tokenizer the way a real one is read."""
+  import tokenizers
+  from tokenizers import models, pre_tokenizers
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from genrec_jax.recommenders.lcrec import PROMPT_PREFIX, PROMPT_SEPARATOR, PROMPT_SUFFIX
+  pre = pre_tokenizers.Whitespace()
+  words = sorted({w for text in (PROMPT_PREFIX, PROMPT_SEPARATOR, PROMPT_SUFFIX)
+                  for w, _ in pre.pre_tokenize_str(text)})
+  vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+  vocab["<|im_end|>"] = len(vocab)
+  assert len(vocab) <= vocab_size, len(vocab)
+  tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = pre
+  tokenizer.save(os.path.join(out, "tokenizer.json"))
+  with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<|im_end|>"}, f)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="tests/fixtures")
+  parser.add_argument("--tokenizer_only", action="store_true",
+                      help="write the tokenizer files only (no torch needed: the project's "
+                           "environment has `tokenizers`)")
   args = parser.parse_args()
-  build(os.path.join(args.out, "qwen2_untied"), tied=False, dtype=torch.float32, seed=0)
-  build(os.path.join(args.out, "qwen2_tied_bf16"), tied=True, dtype=torch.bfloat16, seed=1)
+  if not args.tokenizer_only:
+    build(os.path.join(args.out, "qwen2_untied"), tied=False, dtype="float32", seed=0)
+    build(os.path.join(args.out, "qwen2_tied_bf16"), tied=True, dtype="bfloat16", seed=1)
+  write_tokenizer(os.path.join(args.out, "qwen2_untied"), vocab_size=96)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 A checkpoint directory holds `config.json` and the weights as safetensors: one
 `model.safetensors`, or shards listed by `model.safetensors.index.json`. Nothing is downloaded.
-The safetensors files are read here, memory-mapped, without the `safetensors` package (the
+The safetensors files are read here, memory-mapped, rather than with the `safetensors`
+package: its NumPy reader has no bfloat16 (the dtype of Qwen2.5 checkpoints), loading a 3 GB
+file whole would double the host memory, and the accelerator machine lacks the package. The
 format is an 8-byte header length, a JSON header of name -> dtype, shape and byte range, then
-the raw little-endian data), so that neither torch nor extra wheels are needed.
+the raw little-endian data.
 
 Loading is strict: every parameter of the model must come from exactly one tensor of the
 checkpoint with the expected shape, and every tensor of the checkpoint must be used (the

@@ -90,11 +90,7 @@ def checkpoint_prompt_tokens(directory: str) -> PromptTokens:
 
   Pieces are tokenized separately; a tokenizer splits text at added tokens (the identifier
   tokens) before its BPE, so this equals tokenizing the whole prompt."""
-  try:
-    import tokenizers  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ImportError("reading a checkpoint's tokenizer needs the `tokenizers` package: "
-                      "pip install tokenizers") from None
+  import tokenizers  # pylint: disable=import-outside-toplevel  (here: absent on device images)
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: the checkpoint directory needs its tokenizer")
