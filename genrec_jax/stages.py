@@ -251,10 +251,10 @@ def lcrec_trainer(config, vocab_size: int, mesh) -> LCRecTrainer:
         num_heads=lc.num_heads, num_kv_heads=lc.num_kv_heads, rope_theta=lc.rope_theta,
         tie_word_embeddings=lc.tie_word_embeddings, dtype=lc.dtype,
         param_dtype=lc.param_dtype), rngs=nnx.Rngs(config.seed))
-    prompt = word_prompt_tokens(lc.vocab_size)
+    prompt = word_prompt_tokens(lc.vocab_size, lc.prompt)
   else:
     backbone = load_qwen2(g.checkpoint, dtype=lc.dtype, param_dtype=lc.param_dtype)
-    prompt = checkpoint_prompt_tokens(g.checkpoint)
+    prompt = checkpoint_prompt_tokens(g.checkpoint, lc.prompt)
   logging.info("[grm] LC-Rec backbone %s: %s", g.checkpoint, backbone.cfg)
   return LCRecTrainer(backbone, vocab_size - 1, prompt,
                       LoRAConfig(rank=lc.lora_rank, alpha=lc.lora_alpha,

@@ -34,7 +34,7 @@ def test_shipped_configs_are_valid_and_bounded_by_work(path, shared_dir):
     assert config.grm.max_train_minutes == 0 and config.continual.retrain_max_minutes == 0
   smoke, cpu = _load(path, "smoke"), _load(path, "cpu")  # the cpu models, a few steps each
   assert (smoke.grm.d_model, smoke.sasrec.hidden_dim) == (cpu.grm.d_model, cpu.sasrec.hidden_dim)
-  assert (smoke.grm.epochs, smoke.sasrec.epochs, smoke.tokenizer.train_length) == (1, 1, 20)
+  assert (smoke.grm.epochs, smoke.sasrec.epochs, smoke.tokenizer.train_length) == (1, 1, 200)
   paper = _load(path, "")
   method = paper.method
   if method == "tiger":  # TIGER paper: 20k epochs, squared norms

@@ -162,6 +162,10 @@ def test_word_prompt_stays_inside_the_base_vocabulary():
   # One token per word or punctuation run: "...with items " ends in a lone space.
   assert len(prompt.prefix) == 30 and len(prompt.separator) == 2 and len(prompt.suffix) == 21
   assert word_prompt_tokens(40) == prompt
+  short = word_prompt_tokens(40, "identifiers")
+  assert (len(short.prefix), short.separator, len(short.suffix)) == (2, (), 2)
+  with pytest.raises(ValueError, match="unknown prompt 'chat'"):
+    word_prompt_tokens(40, "chat")
   with pytest.raises(ValueError, match="cannot hold"):
     word_prompt_tokens(3)
 

@@ -80,9 +80,9 @@ def write_tokenizer(out: str, vocab_size: int) -> None:
   import tokenizers
   from tokenizers import models, pre_tokenizers
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from genrec_jax.recommenders.lcrec import PROMPT_PREFIX, PROMPT_SEPARATOR, PROMPT_SUFFIX
+  from genrec_jax.recommenders.lcrec import PROMPTS
   pre = pre_tokenizers.Whitespace()
-  words = sorted({w for text in (PROMPT_PREFIX, PROMPT_SEPARATOR, PROMPT_SUFFIX)
+  words = sorted({w for text in PROMPTS["lcrec"]
                   for w, _ in pre.pre_tokenize_str(text)})
   vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
   vocab["<|im_end|>"] = len(vocab)

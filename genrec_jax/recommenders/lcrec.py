@@ -13,7 +13,8 @@ Prompt (LC-Rec `prompt.py`, sequential-recommendation template 0, Alpaca-style w
     {i_1}, {i_2}, ..., {i_n} in chronological order. Can you predict the next possible item
     that the user may expect?\\n\\n### Response:{target}<eos>
 
-where each {i} is an item's identifier tokens. The fixed text pieces are tokenized once
+where each {i} is an item's identifier tokens (`PROMPTS["lcrec"]`; `"identifiers"` is a short
+prompt for random backbones). The fixed text pieces are tokenized once
 (`PromptTokens`); the prompt of a batch is assembled on the device from item indices
 (`training.lcrec.prompt_inputs`), so the identifier map is looked up inside the compiled step.
 
@@ -43,12 +44,20 @@ from genrec_jax.recommenders.lora import LoRAConfig, apply_lora
 from genrec_jax.recommenders.qwen2 import Qwen2
 from genrec_jax.recommenders.t5 import contract
 
-PROMPT_PREFIX = ("Below is an instruction that describes a task. Write a response that "
-                 "appropriately completes the request.\n\n### Instruction:\nThe user has "
-                 "interacted with items ")
-PROMPT_SEPARATOR = ", "
-PROMPT_SUFFIX = (" in chronological order. Can you predict the next possible item that the "
-                 "user may expect?\n\n### Response:")
+# The fixed text of each prompt kind: (before the history, between items, after the history).
+PROMPTS = {
+    # LC-Rec's sequential-recommendation prompt (the default).
+    "lcrec": ("Below is an instruction that describes a task. Write a response that "
+              "appropriately completes the request.\n\n### Instruction:\nThe user has "
+              "interacted with items ",
+              ", ",
+              " in chronological order. Can you predict the next possible item that the user "
+              "may expect?\n\n### Response:"),
+    # The history's identifiers alone between two markers: for a randomly initialised
+    # backbone, to which the instruction means nothing and which spends most of its compute
+    # on it (the cpu presets; about a third of the tokens).
+    "identifiers": ("History:", "", " Next:"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +67,7 @@ class PromptTokens:
   closes the response."""
 
   prefix: tuple[int, ...]
-  separator: tuple[int, ...]
+  separator: tuple[int, ...]  # may be empty
   suffix: tuple[int, ...]
   eos: int
 
@@ -67,7 +76,13 @@ class PromptTokens:
       raise ValueError("the prompt needs a non-empty prefix and suffix")
 
 
-def word_prompt_tokens(vocab_size: int) -> PromptTokens:
+def _prompt_text(kind: str) -> tuple[str, str, str]:
+  if kind not in PROMPTS:
+    raise ValueError(f"unknown prompt {kind!r}; one of {tuple(PROMPTS)}")
+  return PROMPTS[kind]
+
+
+def word_prompt_tokens(vocab_size: int, kind: str = "lcrec") -> PromptTokens:
   """The prompt's text for a randomly initialised backbone, which has no tokenizer: one token
   per word (a word with its leading space, a run of punctuation, a run of white space, the way
   BPE pre-tokenizers cut text), id 1 + crc32(piece) mod (V - 2), the last id V - 1 as eos.
@@ -80,11 +95,10 @@ def word_prompt_tokens(vocab_size: int) -> PromptTokens:
     return tuple(1 + zlib.crc32(piece.encode("utf-8")) % (vocab_size - 2)
                  for piece in re.findall(r" ?\w+| ?[^\w\s]+|\s+", text))
 
-  return PromptTokens(encode(PROMPT_PREFIX), encode(PROMPT_SEPARATOR), encode(PROMPT_SUFFIX),
-                      eos=vocab_size - 1)
+  return PromptTokens(*map(encode, _prompt_text(kind)), eos=vocab_size - 1)
 
 
-def checkpoint_prompt_tokens(directory: str) -> PromptTokens:
+def checkpoint_prompt_tokens(directory: str, kind: str = "lcrec") -> PromptTokens:
   """The prompt tokenized by a checkpoint's own tokenizer (`tokenizer.json`, read with the
   `tokenizers` package) and its end-of-sequence token (`tokenizer_config.json`'s eos_token).
 
@@ -105,8 +119,7 @@ def checkpoint_prompt_tokens(directory: str) -> PromptTokens:
   def encode(text: str) -> tuple[int, ...]:
     return tuple(tokenizer.encode(text, add_special_tokens=False).ids)
 
-  return PromptTokens(encode(PROMPT_PREFIX), encode(PROMPT_SEPARATOR), encode(PROMPT_SUFFIX),
-                      eos=eos_id)
+  return PromptTokens(*map(encode, _prompt_text(kind)), eos=eos_id)
 
 
 class IdentifierRows(nnx.Module):
