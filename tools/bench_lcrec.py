@@ -79,6 +79,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--history", type=int, default=20)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--items", type=int, default=11924)
+  parser.add_argument("--prompt", choices=("lcrec", "identifiers"), default="lcrec")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
 
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
   mesh = make_mesh()
   t0 = time.perf_counter()
   trainer = LCRecTrainer(Qwen2(cfg, rngs=nnx.Rngs(0)), table.vocab_size - 1,
-                         word_prompt_tokens(cfg.vocab_size), LoRAConfig(),
+                         word_prompt_tokens(cfg.vocab_size, args.prompt), LoRAConfig(),
                          GRMTrainConfig(learning_rate=2e-5, batch_size=args.batch_size,
                                         eval_batch_size=args.eval_batch),
                          mesh, param_sharding=args.param_sharding)
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
   rank_once()
   rank_times = _timed(rank_once, 3)
 
-  prompt = word_prompt_tokens(cfg.vocab_size)
+  prompt = word_prompt_tokens(cfg.vocab_size, args.prompt)
   digits = len(table.level_sizes)  # prompt + the response's identifier, as in a train step
   tokens = (len(prompt.prefix) + args.history * (len(prompt.separator) + digits)
             - len(prompt.separator) + len(prompt.suffix) + digits)
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
   result = {
       "size": args.size, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
       "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-      "param_sharding": args.param_sharding, "batch_size": args.batch_size,
+      "param_sharding": args.param_sharding, "batch_size": args.batch_size, "prompt": args.prompt,
       "history_items": args.history, "sequence_tokens": tokens,
       "parameters": {"total": n(state[0]), "trained": n(state[0][TRAINED])},
       "build_seconds": build_seconds,
