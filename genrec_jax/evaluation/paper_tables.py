@@ -22,6 +22,7 @@ METHOD_NAMES = {
     "dact": "DACT",
     "lsat": "LSAT",
     "peso": "PESO",
+    "pit": "PIT",  # not in the DACT paper: our row (genrec_jax.methods.pit.continual)
 }
 
 # DACT_TIGER[dataset][method][period] -> {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
