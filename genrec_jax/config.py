@@ -734,11 +734,11 @@ def lcrec_settings(c: ml_collections.ConfigDict, cpu: bool) -> None:
   validation on 2,000 users, evaluation batches of 32 users (x 20 beams).
 
   "cpu": a random backbone of the same architecture (2 layers, width 64, MLP 128, GQA 4/2
-  heads, a 512-token base vocabulary, tied output), trained whole at period 0 (the stand-in for an LLM's
-  pre-training; `grm.lcrec.train_backbone_from_init`), then LoRA and identifier rows only, at
-  the cpu T5's learning rate; prompts of the identifiers alone (`grm.lcrec.prompt`): LC-Rec's
-  instruction, meaningless to a random backbone, would triple the tokens (a period-0 epoch on
-  Toys took 9.5 minutes with it).
+  heads, a 512-token base vocabulary, tied output), trained whole at period 0 (the stand-in
+  for an LLM's pre-training; `grm.lcrec.train_backbone_from_init`), then LoRA and identifier
+  rows only, at the cpu T5's learning rate; prompts of the identifiers alone
+  (`grm.lcrec.prompt`): LC-Rec's instruction, meaningless to a random backbone, would triple
+  the tokens (a period-0 epoch on Toys took 9.5 minutes with it, MLP 256, 2 busy cores).
   """
   c.grm.backbone = "lcrec"
   c.continual.methods = ("frozen", "ft_tok", "ft_grm", "ft_both", "reformer", "dact", "lsat",
