@@ -155,6 +155,34 @@ def test_trainer_fits_adapters_and_identifier_rows_only(tmp_path):
       np.asarray(jax.tree.leaves(params[lcrec.FROZEN])[0]))
 
 
+def test_resume_with_the_frozen_backbone_left_out_of_checkpoints(tmp_path, monkeypatch):
+  """An interrupted fit resumes to the numbers of an uninterrupted one, and its checkpoints
+  hold the trained group only (the frozen backbone comes from the starting parameters)."""
+  from tests.conftest import interrupt_then_resume
+  cfg = GRMTrainConfig(learning_rate=1e-2, batch_size=8, eval_batch_size=8, beam_size=4,
+                       length_buckets=(4,), loop=LoopConfig(epochs=3, patience=5))
+  trainer = lcrec.LCRecTrainer(Qwen2(BACKBONE, rngs=nnx.Rngs(0)), TABLE.vocab_size - 1,
+                               PROMPT, lora.LoRAConfig(rank=2, alpha=4.0), cfg, make_mesh())
+  start = trainer.with_adapters(trainer.init_params, trainer.adapters(trainer.init_params))
+
+  def run(directory):
+    return trainer.train(TABLE, 6, _samples(32, 0), _samples(8, 1), str(directory),
+                         params=start)
+
+  straight, state = run(tmp_path / "straight")
+  resumed, resumed_state = interrupt_then_resume(monkeypatch, lambda: run(tmp_path / "cut"),
+                                                 "grm", epoch=0)
+  assert [h["loss"] for h in resumed_state["history"]] == [h["loss"] for h in
+                                                           state["history"]]
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for step in os.listdir(tmp_path / "cut"):
+    for item in ("params", "best_params"):
+      with open(tmp_path / "cut" / step / item / "_METADATA") as f:
+        groups = {k.split("'")[1] for k in json.load(f)["tree_metadata"]}
+      assert groups == {lcrec.TRAINED}, (step, item, groups)
+
+
 def test_word_prompt_stays_inside_the_base_vocabulary():
   prompt = word_prompt_tokens(40)
   ids = prompt.prefix + prompt.separator + prompt.suffix

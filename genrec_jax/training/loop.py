@@ -49,7 +49,8 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
         epoch_batches: Callable[[int], Iterable[tuple[dict, int]]],
         evaluate: Callable[[Any], dict[str, float]], cfg: LoopConfig, checkpoint_dir: str,
         after_epoch: Callable[[int, Any], tuple[Any, dict]] | None = None,
-        interrupt_after_epoch: int | None = None) -> tuple[Any, dict]:
+        interrupt_after_epoch: int | None = None,
+        constant: tuple[str, ...] = ()) -> tuple[Any, dict]:
   """Trains and selects the best parameters on validation.
 
   Args:
@@ -67,6 +68,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
       recomputes its identifiers after a tokenizer epoch). The returned parameters are trained
       on, evaluated and saved; `stats` (JSON scalars) join the epoch's history record.
     interrupt_after_epoch: testing hook simulating a crash after that epoch's checkpoint.
+    constant: keys of a dict of parameter groups that this fit never changes (a frozen
+      backbone): left out of the checkpoints, and a resumed fit takes them from `params`. A
+      frozen 1.5 B-parameter LLM would otherwise be written twice per stage.
 
   Returns:
     (best params, history dict with per-epoch loss/metrics, best epoch and metric, seconds).
@@ -75,14 +79,22 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
   state = {"epoch": -1, "best_metric": -np.inf, "best_epoch": -1, "bad_evals": 0,
            "done": False, "history": [], "train_seconds": 0.0}
   params = jax.tree.map(jnp.copy, params)  # train steps donate their inputs: keep the caller's
+
+  def stored(tree):
+    return {k: v for k, v in tree.items() if k not in constant} if constant else tree
+
   best_params = None  # until the first evaluation
   if ckpt.latest_step() is not None:
     items, state = ckpt.restore(ckpt.latest_step(), {
-        "params": params, "opt_state": opt_state, "best_params": params})
+        "params": stored(params), "opt_state": opt_state, "best_params": stored(params)})
     placement = {k: jax.tree.map(lambda x: x.sharding, template) for k, template in
-                 (("params", params), ("opt_state", opt_state), ("best_params", params))}
-    params, opt_state, best_params = (jax.device_put(items[k], placement[k])
-                                      for k in ("params", "opt_state", "best_params"))
+                 (("params", stored(params)), ("opt_state", opt_state),
+                  ("best_params", stored(params)))}
+    restored, opt_state, best = (jax.device_put(items[k], placement[k])
+                                 for k in ("params", "opt_state", "best_params"))
+    if constant:
+      restored, best = {**params, **restored}, {**params, **best}
+    params, best_params = restored, best
     logging.info("[%s] resumed from %s after epoch %d", name, checkpoint_dir, state["epoch"])
   base_key = jax.random.key(cfg.seed)
   start = time.time()
@@ -130,8 +142,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
                  "ETA <= %.0fs", name, epoch + 1, cfg.epochs, loss, record["grad_norm"],
                  record["samples_per_s"], seconds,
                  _fmt(record.get("valid")), remaining)
-    ckpt.save(epoch, {"params": params, "opt_state": opt_state,
-                      "best_params": params if best_params is None else best_params}, state)
+    ckpt.save(epoch, {"params": stored(params), "opt_state": opt_state,
+                      "best_params": stored(params if best_params is None else best_params)},
+              state)
     if interrupt_after_epoch is not None and epoch == interrupt_after_epoch:
       ckpt.close()
       raise KeyboardInterrupt(f"simulated interruption after epoch {epoch}")

@@ -258,6 +258,10 @@ class Trainer:
     params = self.init_params if params is None else params
     context = replicate(context or {}, self.mesh)
     schedule = trainable if callable(trainable) else (lambda _: trainable)
+    # Groups no epoch of this fit updates stay out of its checkpoints (`loop.fit`).
+    updated = (set(self.groups) if callable(trainable) or trainable is None
+               else set(trainable) | set(self.written))
+    constant = tuple(g for g in self.groups if g not in updated)
 
     def step(p, o, batch, key, epoch):
       update = self.train_steps if "step_ids" in batch else self.train_step
@@ -266,4 +270,5 @@ class Trainer:
     return loop.fit(name=name, params=params, opt_state=self.init_opt_state(params),
                     train_step=step, epoch_batches=epoch_batches, evaluate=evaluate,
                     cfg=loop_cfg, checkpoint_dir=checkpoint_dir,
-                    after_epoch=after_epoch, interrupt_after_epoch=interrupt_after_epoch)
+                    after_epoch=after_epoch, interrupt_after_epoch=interrupt_after_epoch,
+                    constant=constant)
