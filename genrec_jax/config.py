@@ -212,8 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual.lsat.combine = "merge"  # "merge": adapters (and identifier rows) merged entry-wise
   #   weight * long + (1 - weight) * short | "scores": the two models' log-probabilities mixed.
   c.continual.lsat.weight = 0.5  # Weight of the long-term adapter.
-  c.continual.lsat.long_term_data = "period"  # Long-term adapter updated on each D_t from the
-  #   previous one ("period", cumulative updating as DACT describes it) | on D_0..D_t ("all").
+  c.continual.lsat.long_term_data = "all"  # The long-term adapter continues from period t-1's
+  #   on D_0..D_t ("all": "trained on all periods so far", with continual.retrain_epochs) | on
+  #   D_t alone ("period": then it is the ft_grm model).
   c.continual.peso = ml_collections.ConfigDict()  # PESO (lcrec backbone).
   c.continual.peso.weight = 2.0  # lambda of the proximal KL towards the previous adapters.
 
@@ -477,8 +478,8 @@ def check_backbone(config: ml_collections.ConfigDict, uses_pit: bool) -> None:
   if uses_pit:
     raise ConfigError("continual method 'pit' runs on the T5 backbone; drop it from "
                       "continual.methods or set grm.backbone='t5'")
-  if g.checkpoint != "random" and not os.path.isfile(os.path.join(g.checkpoint,
-                                                                  "config.json")):
+  if g.checkpoint != "random" and not (g.checkpoint and os.path.isfile(
+      os.path.join(g.checkpoint, "config.json"))):
     raise ConfigError(f"grm.checkpoint={g.checkpoint!r} is not a checkpoint directory (no "
                       f"config.json); give --config.grm.checkpoint=DIR, a local Qwen2 "
                       f"checkpoint (e.g. Qwen2.5-1.5B-Instruct), or 'random'")
@@ -488,6 +489,10 @@ def check_backbone(config: ml_collections.ConfigDict, uses_pit: bool) -> None:
   if g.level_softmax:
     raise ConfigError("grm.level_softmax does not apply to the LC-Rec backbone (it scores "
                       "identifiers over its whole vocabulary); set it to False")
+  if lc.train_vocabulary and lc.param_dtype != "float32":
+    raise ConfigError("grm.lcrec.train_vocabulary trains the base embedding and output layer, "
+                      "whose bf16 copies would round small updates away; use "
+                      "grm.lcrec.param_dtype='float32' with it")
   if not 0 <= config.continual.lsat.weight <= 1 or config.continual.peso.weight < 0:
     raise ConfigError(f"continual.lsat.weight={config.continual.lsat.weight} must lie in "
                       f"[0, 1] and continual.peso.weight={config.continual.peso.weight} be "

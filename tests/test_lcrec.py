@@ -141,9 +141,11 @@ def test_trainer_fits_adapters_and_identifier_rows_only(tmp_path):
   start = jax.tree.map(np.array, trainer.init_params)
   params, state = trainer.train(TABLE, 6, _samples(32, 0), _samples(8, 1), str(tmp_path))
   changed = {group: [not np.array_equal(a, np.asarray(b)) for a, b in
-                     zip(jax.tree.leaves(start[group]), jax.tree.leaves(params[group]))]
-             for group in (lcrec.TRAINED, lcrec.FROZEN)}
-  assert all(changed[lcrec.TRAINED]) and not any(changed[lcrec.FROZEN])
+                     zip(jax.tree.leaves(start[group]), jax.tree.leaves(params[group]),
+                         strict=True)]
+             for group in (lcrec.ADAPTERS, lcrec.ROWS, lcrec.BACKBONE)}
+  assert all(changed[lcrec.ADAPTERS]) and all(changed[lcrec.ROWS])
+  assert not any(changed[lcrec.BACKBONE])
   ranked = trainer.rank(params, TABLE, 6, _samples(8, 2))
   assert ranked.shape == (8, 4) and (ranked >= 0).all()
   assert all(len(set(r)) == 4 for r in ranked.tolist())
@@ -151,16 +153,21 @@ def test_trainer_fits_adapters_and_identifier_rows_only(tmp_path):
   swapped = trainer.with_adapters(params, jax.tree.map(jnp.zeros_like, adapters))
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(trainer.adapters(swapped)))
   np.testing.assert_array_equal(
-      np.asarray(jax.tree.leaves(swapped[lcrec.FROZEN])[0]),
-      np.asarray(jax.tree.leaves(params[lcrec.FROZEN])[0]))
+      np.asarray(jax.tree.leaves(swapped[lcrec.BACKBONE])[0]),
+      np.asarray(jax.tree.leaves(params[lcrec.BACKBONE])[0]))
 
 
-def test_resume_with_the_frozen_backbone_left_out_of_checkpoints(tmp_path, monkeypatch):
+@pytest.mark.parametrize("learning_rate", [1e-2, 0.0])
+def test_resume_with_the_frozen_backbone_left_out_of_checkpoints(tmp_path, monkeypatch,
+                                                                 learning_rate):
   """An interrupted fit resumes to the numbers of an uninterrupted one, and its checkpoints
-  hold the trained group only (the frozen backbone comes from the starting parameters)."""
+  hold the trained groups only (the frozen backbone comes from the starting parameters).
+  With a zero learning rate no later epoch improves on the restored best, whose backbone
+  must outlive the resumed steps (which donate the parameters)."""
+  from genrec_jax.training.checkpoint import Checkpoints
   from tests.conftest import interrupt_then_resume
-  cfg = GRMTrainConfig(learning_rate=1e-2, batch_size=8, eval_batch_size=8, beam_size=4,
-                       length_buckets=(4,), loop=LoopConfig(epochs=3, patience=5))
+  cfg = GRMTrainConfig(learning_rate=learning_rate, batch_size=8, eval_batch_size=8,
+                       beam_size=4, length_buckets=(4,), loop=LoopConfig(epochs=3, patience=5))
   trainer = lcrec.LCRecTrainer(Qwen2(BACKBONE, rngs=nnx.Rngs(0)), TABLE.vocab_size - 1,
                                PROMPT, lora.LoRAConfig(rank=2, alpha=4.0), cfg, make_mesh())
   start = trainer.with_adapters(trainer.init_params, trainer.adapters(trainer.init_params))
@@ -174,13 +181,14 @@ def test_resume_with_the_frozen_backbone_left_out_of_checkpoints(tmp_path, monke
                                                  "grm", epoch=0)
   assert [h["loss"] for h in resumed_state["history"]] == [h["loss"] for h in
                                                            state["history"]]
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for step in os.listdir(tmp_path / "cut"):
+  stored = Checkpoints(str(tmp_path / "cut"), ("params", "opt_state", "best_params"))
+  for step in stored.manager.all_steps():
+    metadata = stored.manager.item_metadata(step)
     for item in ("params", "best_params"):
-      with open(tmp_path / "cut" / step / item / "_METADATA") as f:
-        groups = {k.split("'")[1] for k in json.load(f)["tree_metadata"]}
-      assert groups == {lcrec.TRAINED}, (step, item, groups)
+      assert set(metadata[item]) == set(lcrec.FINE_TUNED), (step, item)
+  stored.close()
 
 
 def test_word_prompt_stays_inside_the_base_vocabulary():
@@ -216,7 +224,7 @@ mesh = make_mesh()
 trainer = lcrec.LCRecTrainer(Qwen2(cfg, rngs=nnx.Rngs(0)), TABLE.vocab_size - 1,
                              word_prompt_tokens(256), lora.LoRAConfig(), GRMTrainConfig(
                                  learning_rate=1e-2, batch_size=16), mesh,
-                             param_sharding=sys.argv[2])
+                             param_sharding=sys.argv[2], train_vocabulary=True)
 rng = np.random.default_rng(0)
 batch = shard_batch({"history": rng.integers(-1, 6, (16, 5)).astype(np.int32),
                      "target": rng.integers(0, 6, 16).astype(np.int32),
@@ -227,11 +235,15 @@ opt = trainer.trainer.init_opt_state(params)
 losses = []
 for i in range(3):
   params, opt, metrics = trainer.trainer.train_step(params, opt, batch, jax.random.key(i), context,
-                                                    trainable=(lcrec.TRAINED,))
+                                                    trainable=lcrec.FINE_TUNED)
   losses.append(float(metrics["loss"]))
-kernel = trainer.trainer.merge(params).backbone.layers[0].mlp.up_proj.base.kernel[...]
+model = trainer.trainer.merge(params)
+shards = lambda x: len({str(s.index) for s in x.addressable_shards})
+moments = [x for x in jax.tree.leaves(opt[lcrec.ROWS]) if x.shape == (256, 64)]
 print(json.dumps({"devices": jax.device_count(), "losses": losses,
-                  "kernel_shards": len({str(s.index) for s in kernel.addressable_shards})}))
+                  "kernel_shards": shards(model.backbone.layers[0].mlp.up_proj.base.kernel[...]),
+                  "trained_shards": shards(model.backbone.embed_tokens.embedding[...]),
+                  "moment_shards": [shards(x) for x in moments]}))
 """
 
 
@@ -246,10 +258,13 @@ def _fsdp_run(devices, sharding):
 
 
 def test_fsdp_on_eight_devices_equals_one_device():
-  """The backbone split over 8 simulated devices (FSDP) trains with the losses of 1 device."""
+  """The model split over 8 simulated devices (FSDP: a frozen kernel, a trained embedding and
+  its Adam moments in 8 shards each) trains with the losses of 1 device."""
   one = _fsdp_run(1, "replicated")
   eight = _fsdp_run(8, "fsdp")
-  assert one["devices"] == 1 and eight["devices"] == 8 and eight["kernel_shards"] == 8
+  assert one["devices"] == 1 and eight["devices"] == 8
+  assert eight["kernel_shards"] == eight["trained_shards"] == 8
+  assert eight["moment_shards"] == [8, 8]
   np.testing.assert_allclose(eight["losses"], one["losses"], atol=1e-5)
 
 

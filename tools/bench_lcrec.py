@@ -38,7 +38,7 @@ from genrec_jax.recommenders.lora import LoRAConfig  # noqa: E402
 from genrec_jax.recommenders.qwen2 import Qwen2, Qwen2Config  # noqa: E402
 from genrec_jax.tokenizers.identifiers import IdentifierTable, assign_dedup  # noqa: E402
 from genrec_jax.training.grm import GRMTrainConfig  # noqa: E402
-from genrec_jax.training.lcrec import TRAINED, LCRecTrainer  # noqa: E402
+from genrec_jax.training.lcrec import FINE_TUNED, LCRecTrainer  # noqa: E402
 from genrec_jax.training.sharding import make_mesh, replicate, shard_batch  # noqa: E402
 
 SIZES = {  # Qwen2.5-1.5B-Instruct; the cpu preset's backbone; a test size
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
 
   t0 = time.perf_counter()
   step = trainer.trainer.lower_step(params, opt_state, batch, key, context,
-                                    trainable=(TRAINED,)).compile()
+                                    trainable=FINE_TUNED).compile()
   train_compile = time.perf_counter() - t0
   state = [params, opt_state]
 
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
       "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
       "param_sharding": args.param_sharding, "batch_size": args.batch_size, "prompt": args.prompt,
       "history_items": args.history, "sequence_tokens": tokens,
-      "parameters": {"total": n(state[0]), "trained": n(state[0][TRAINED])},
+      "parameters": {"total": n(state[0]), "trained": n([state[0][g] for g in FINE_TUNED])},
       "build_seconds": build_seconds,
       "train": {"compile_seconds": train_compile, "step_seconds_median": median,
                 "step_seconds": train_times, "samples_per_second": args.batch_size / median,

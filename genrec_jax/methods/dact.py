@@ -291,8 +291,8 @@ class ContinualRun:
   def train_grm(self, name: str, table: IdentifierTable, t: int, params, mode: str,
                 cumulative: bool = False):
     """Period-t recommender under `mode` (frozen | finetune | peso | retrain) -> (params,
-    seconds). `cumulative` fine-tunes on D_0..D_t instead of D_t (LSAT's long-term adapter
-    with continual.lsat.long_term_data="all")."""
+    seconds). `cumulative` fine-tunes on D_0..D_t instead of D_t, with the epoch budget of
+    training on all data so far (`continual.retrain_epochs`; LSAT's long-term adapter)."""
     if mode == "frozen":
       return params, 0.0
     c = self.config.continual
@@ -300,8 +300,9 @@ class ContinualRun:
     context = None
     if mode in ("finetune", "peso"):
       train = retrain_samples(self.periods, t) if cumulative else period.train
-      loop_cfg = LoopConfig(epochs=c.finetune_epochs, eval_every=c.finetune_eval_every,
-                            patience=c.patience, seed=self.config.seed + t)
+      loop_cfg = LoopConfig(epochs=c.retrain_epochs if cumulative else c.finetune_epochs,
+                            eval_every=c.finetune_eval_every, patience=c.patience,
+                            seed=self.config.seed + t)
       if mode == "peso":
         context = self.recommender.proximal_context(params, c.peso.weight)
     elif mode == "retrain":

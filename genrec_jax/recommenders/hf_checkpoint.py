@@ -10,7 +10,8 @@ the raw little-endian data.
 
 Loading is strict: every parameter of the model must come from exactly one tensor of the
 checkpoint with the expected shape, and every tensor of the checkpoint must be used (the
-rotary `inv_freq` buffers some exports include are the one exception: they are recomputed).
+rotary `inv_freq` buffers some exports include are the one exception: they are recomputed;
+a tied checkpoint may also carry an `lm_head.weight` equal to its embedding).
 Any other difference is a one-line error naming the tensor.
 
 Name mapping (HF -> NNX path): `model.` prefix dropped; `.weight` of a linear layer ->
@@ -128,6 +129,11 @@ def load_qwen2(directory: str, **overrides) -> Qwen2:
                        f"implies {tuple(variable.shape)[::-1] if transposed else variable.shape}")
     values[path] = jnp.asarray(np.asarray(array), dtype=variable.dtype)
     used.add(name)
+  if cfg.tie_word_embeddings and "lm_head.weight" in tensors:  # some exports keep the copy
+    if not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+      raise ValueError(f"checkpoint {directory} ties its embeddings (config.json) but has an "
+                       f"lm_head.weight that differs from model.embed_tokens.weight")
+    used.add("lm_head.weight")
   unexpected = sorted(n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES))
   if unexpected:
     raise ValueError(f"checkpoint {directory} has {len(unexpected)} tensor(s) the model does not "

@@ -10,7 +10,8 @@ the checkpoint's (`q_proj`, `gate_proj`, `input_layernorm`, ...) so that
 
 Padding may sit anywhere in a row: a row's real tokens attend to its earlier real tokens only,
 and their rotary positions count real tokens (`positions_from_mask`), so that a padded row gives
-the logits of the same row without padding (the way HF treats left padding).
+the logits of the same row without padding (what HF gives with position ids computed from the
+attention mask, as its `generate` does; its plain forward pass numbers padded positions too).
 
 Precision: `dtype` is the activations' and matmul inputs' type, `param_dtype` the stored base
 weights' type; norms, the attention softmax and the rotary tables are computed in float32.

@@ -16,10 +16,13 @@ ranking is trie-constrained beam search (beam 20) with the library's model-agnos
 - Ranking (`lcrec_rank`): the prompt minus its last token is prefilled into a key/value cache;
   the beam search's start token is that last token (the same for every prompt), and each step
   feeds one token per beam through the cache. Scores are log-softmaxes over the whole extended
-  vocabulary, as LC-Rec's constrained `generate` computes them.
-- Trained parameters: the adapters and the identifier rows (one AdamW); everything else is a
-  frozen group (`Trainer` filters), unless `train_vocabulary` also trains the base embedding and
-  output layer (LC-Rec's `modules_to_save`).
+  vocabulary, as LC-Rec's constrained `generate` computes them (its vocabulary is the
+  tokenizer's length plus the added tokens; ours keeps the checkpoint's padded embedding rows,
+  271 unused ones for Qwen2.5, in the softmax).
+- Trained parameters: the adapters and the identifier rows (one AdamW each); the rest of the
+  backbone is a frozen group (`Trainer` filters) and stays out of the checkpoints, unless
+  `train_vocabulary` also trains the base embedding and output layer (LC-Rec's
+  `modules_to_save`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, device_trie, id
                                      optimizer, rank_samples, target_tokens, weighted_mean)
 from genrec_jax.training.trainer import Trainer
 
-TRAINED, FROZEN = "trained", "frozen"
+# Parameter groups: the LoRA adapters, the added identifier rows (with train_vocabulary also
+# the base embedding and output layer), and the rest of the backbone.
+ADAPTERS, ROWS, BACKBONE = "adapters", "rows", "backbone"
+FINE_TUNED = (ADAPTERS, ROWS)  # what a fit from given parameters trains
 
 
 def llm_item_tokens(item_tokens: jax.Array, base_vocab: int) -> jax.Array:
@@ -138,14 +144,13 @@ def lcrec_rank(models: tuple[LCRec, ...], weights: tuple[float, ...], history: j
   return distinct_items(items, scores)
 
 
-def trained_filter(train_vocabulary: bool):
-  """The trained variables: LoRA adapters and identifier rows (+ the base embedding and
-  output layer with `train_vocabulary`)."""
+def row_filter(train_vocabulary: bool):
+  """The identifier rows (+ the base embedding and output layer with `train_vocabulary`)."""
   identifiers = lambda path, _: bool(path) and path[0] == "identifiers"
   if not train_vocabulary:
-    return nnx.Any(lora.LoRAParam, identifiers)
+    return identifiers
   vocabulary = lambda path, _: len(path) > 1 and path[1] in ("embed_tokens", "lm_head")
-  return nnx.Any(lora.LoRAParam, identifiers, vocabulary)
+  return nnx.Any(identifiers, vocabulary)
 
 
 class LCRecTrainer(GRMTrainer):
@@ -159,9 +164,10 @@ class LCRecTrainer(GRMTrainer):
     lora_cfg, cfg, mesh, seed: adapters, optimisation/decoding settings, devices, init seed.
     train_vocabulary: also train the base embedding and output layer (LC-Rec's code).
     train_backbone_from_init: a fit that starts from the initial parameters (`params=None`)
-      trains the whole model, the backbone included: the stand-in for an LLM's pre-training
-      when the backbone is randomly initialised (cpu presets). Fits from given parameters
-      train the adapters and identifier rows only.
+      trains the backbone and the identifier rows and leaves the adapters at their initial,
+      neutral values: the stand-in for an LLM's pre-training when the backbone is randomly
+      initialised (cpu presets), after which adapters start as on a pre-trained LLM. Fits
+      from given parameters train the adapters and identifier rows only (`FINE_TUNED`).
     param_sharding: "replicated" or "fsdp" (the backbone split over the devices, `Trainer`).
   """
 
@@ -175,22 +181,23 @@ class LCRecTrainer(GRMTrainer):
     self.model_cfg, self.prompt = backbone.cfg, prompt
     self.train_backbone_from_init = train_backbone_from_init
     model = LCRec(backbone, num_identifier_tokens, lora_cfg, rngs=nnx.Rngs(seed))
-    frozen = optimizer(cfg) if train_backbone_from_init else optax.set_to_zero()
+    backbone_optimizer = optimizer(cfg) if train_backbone_from_init else optax.set_to_zero()
     self._start(cfg, mesh, Trainer(
         model, functools.partial(lcrec_loss, prompt=prompt),
-        {TRAINED: optimizer(cfg), FROZEN: frozen}, mesh,
-        filters={TRAINED: trained_filter(train_vocabulary), FROZEN: ...},
+        {ADAPTERS: optimizer(cfg), ROWS: optimizer(cfg), BACKBONE: backbone_optimizer}, mesh,
+        filters={ADAPTERS: lora.LoRAParam, ROWS: row_filter(train_vocabulary),
+                 BACKBONE: ...},
         param_sharding=param_sharding),
-        trainable=(TRAINED,))
+        trainable=FINE_TUNED)
     self._rank_mixture = jax.jit(self._rank_mixture_batch, static_argnames=(
         "weights", "offsets", "level_sizes", "beam_size", "constrained", "level_softmax"))
 
   def train(self, table, num_items, train, valid, checkpoint_dir, params=None, loop_cfg=None,
             context=None):
-    """`GRMTrainer.train`; from the initial parameters with `train_backbone_from_init`, every
-    group trains."""
-    self.trainable = ((TRAINED, FROZEN) if params is None and self.train_backbone_from_init
-                      else (TRAINED,))
+    """`GRMTrainer.train`; from the initial parameters with `train_backbone_from_init`, the
+    backbone and the rows train (the adapters stay neutral)."""
+    self.trainable = ((ROWS, BACKBONE) if params is None and self.train_backbone_from_init
+                      else FINE_TUNED)
     return super().train(table, num_items, train, valid, checkpoint_dir, params, loop_cfg,
                          context)
 

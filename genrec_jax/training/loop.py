@@ -92,8 +92,9 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
                   ("best_params", stored(params)))}
     restored, opt_state, best = (jax.device_put(items[k], placement[k])
                                  for k in ("params", "opt_state", "best_params"))
-    if constant:
-      restored, best = {**params, **restored}, {**params, **best}
+    if constant:  # best_params gets copies: params are donated by every train step
+      restored = {**params, **restored}
+      best = {**{k: jax.tree.map(jnp.copy, params[k]) for k in constant}, **best}
     params, best_params = restored, best
     logging.info("[%s] resumed from %s after epoch %d", name, checkpoint_dir, state["epoch"])
   base_key = jax.random.key(cfg.seed)
