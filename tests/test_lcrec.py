@@ -167,7 +167,7 @@ def test_resume_with_the_frozen_backbone_left_out_of_checkpoints(tmp_path, monke
   from genrec_jax.training.checkpoint import Checkpoints
   from tests.conftest import interrupt_then_resume
   cfg = GRMTrainConfig(learning_rate=learning_rate, batch_size=8, eval_batch_size=8,
-                       beam_size=4, length_buckets=(4,), loop=LoopConfig(epochs=3, patience=5))
+                       beam_size=4, length_buckets=(4,), loop=LoopConfig(epochs=2, patience=5))
   trainer = lcrec.LCRecTrainer(Qwen2(BACKBONE, rngs=nnx.Rngs(0)), TABLE.vocab_size - 1,
                                PROMPT, lora.LoRAConfig(rank=2, alpha=4.0), cfg, make_mesh())
   start = trainer.with_adapters(trainer.init_params, trainer.adapters(trainer.init_params))
