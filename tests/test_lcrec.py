@@ -63,14 +63,19 @@ def test_prompt_rows_equal_their_unpadded_prompts():
     assert np.asarray(tokens[row])[np.asarray(mask[row])].tolist() == expected
 
 
+@nnx.jit
+def _unpadded_logp(model, seq):
+  """Log-probabilities [T, V] after each token of one unpadded sequence int [1, T]."""
+  from genrec_jax.recommenders.qwen2 import causal_mask, positions_from_mask
+  mask = jnp.ones(seq.shape, bool)
+  h, _ = model.states(seq, positions_from_mask(mask), causal_mask(mask))
+  return jax.nn.log_softmax(model.logits(h[0]), -1)
+
+
 def _sequence_logp(model, prompt, continuation):
   """log p(continuation | prompt) token by token, from one unpadded forward pass."""
-  seq = jnp.asarray([prompt + continuation[:-1]])
-  mask = jnp.ones(seq.shape, bool)
-  from genrec_jax.recommenders.qwen2 import causal_mask, positions_from_mask
-  h, _ = model.states(seq, positions_from_mask(mask), causal_mask(mask))
-  logp = np.asarray(jax.nn.log_softmax(model.logits(h[0, len(prompt) - 1:]), -1))
-  return np.array([logp[i, t] for i, t in enumerate(continuation)])
+  logp = np.asarray(_unpadded_logp(model, jnp.asarray([prompt + continuation[:-1]])))
+  return np.array([logp[len(prompt) - 1 + i, t] for i, t in enumerate(continuation)])
 
 
 def test_loss_is_the_response_cross_entropy():

@@ -258,9 +258,10 @@ class Trainer:
     params = self.init_params if params is None else params
     context = replicate(context or {}, self.mesh)
     schedule = trainable if callable(trainable) else (lambda _: trainable)
-    # Groups no epoch of this fit updates stay out of its checkpoints (`loop.fit`).
+    # Groups no epoch of this fit updates stay out of its checkpoints (`loop.fit`); a
+    # per-epoch refresh (`after_epoch`) may rewrite any group.
     updated = (set(self.groups) if callable(trainable) or trainable is None
-               else set(trainable) | set(self.written))
+               or after_epoch is not None else set(trainable) | set(self.written))
     constant = tuple(g for g in self.groups if g not in updated)
 
     def step(p, o, batch, key, epoch):
