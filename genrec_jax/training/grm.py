@@ -307,12 +307,21 @@ class GRMTrainer:
     """Top-`beam_size` items int32 [S, beam] for every sample, in score order (-1 = none);
     each item at most once (its best identifier's rank) when items own several identifiers.
     `constrained` overrides `cfg.constrained` (trie-constrained or free beams)."""
+    return self._rank_with(
+        lambda history, item_tokens, trie, static: self._rank(
+            params, history, item_tokens, trie, **static)[0],
+        table, num_items, samples, beam_size, constrained)
+
+  def _rank_with(self, rank_batch, table: IdentifierTable, num_items: int, samples: SampleSet,
+                 beam_size: int | None, constrained: bool | None = None) -> np.ndarray:
+    """`rank` through a compiled batch ranking `rank_batch(history, item_tokens, trie,
+    static) -> items [B, beam]` (the model's own, or a mixture of models)."""
     static = self._rank_static(table, beam_size, constrained)
     item_tokens = self.item_tokens(table, num_items)
     trie = device_trie(table, num_items, self.mesh)
-    return rank_samples(
-        lambda history: self._rank(params, history, item_tokens, trie, **static)[0], samples,
-        self.cfg.eval_batch_size, self.cfg.length_buckets, static["beam_size"], self.mesh)
+    return rank_samples(lambda history: rank_batch(history, item_tokens, trie, static),
+                        samples, self.cfg.eval_batch_size, self.cfg.length_buckets,
+                        static["beam_size"], self.mesh)
 
   def evaluate(self, params, table: IdentifierTable, num_items: int, samples: SampleSet,
                constrained: bool | None = None) -> dict[str, float]:

@@ -40,8 +40,8 @@ from genrec_jax.decoding.trie import SparseTrie, Trie
 from genrec_jax.recommenders import lora
 from genrec_jax.recommenders.lcrec import LCRec, PromptTokens
 from genrec_jax.recommenders.qwen2 import Qwen2, causal_mask, positions_from_mask
-from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, device_trie, identifier_nll,
-                                     optimizer, rank_samples, target_tokens, weighted_mean)
+from genrec_jax.training.grm import (GRMTrainConfig, GRMTrainer, identifier_nll, optimizer,
+                                     target_tokens, weighted_mean)
 from genrec_jax.training.trainer import Trainer
 
 # Parameter groups: the LoRA adapters, the added identifier rows (with train_vocabulary also
@@ -230,11 +230,8 @@ class LCRecTrainer(GRMTrainer):
                    samples, beam_size: int | None = None) -> np.ndarray:
     """`rank` with several models whose per-step log-probabilities are mixed with `weights`
     (LSAT's score averaging)."""
-    static = self._rank_static(table, beam_size)
-    item_tokens = self.item_tokens(table, num_items)
-    trie = device_trie(table, num_items, self.mesh)
-    return rank_samples(
-        lambda history: self._rank_mixture(tuple(params_list), history, item_tokens, trie,
-                                           weights=tuple(weights), **static)[0],
-        samples, self.cfg.eval_batch_size, self.cfg.length_buckets, static["beam_size"],
-        self.mesh)
+    return self._rank_with(
+        lambda history, item_tokens, trie, static: self._rank_mixture(
+            tuple(params_list), history, item_tokens, trie, weights=tuple(weights),
+            **static)[0],
+        table, num_items, samples, beam_size)
