@@ -1,5 +1,9 @@
 """The shared trainer: parameter groups with their own optimizers, frozen groups, checks."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -290,3 +294,48 @@ def test_written_groups_keep_what_the_objective_assigns_in_single_and_scanned_st
   np.testing.assert_array_equal(counts, 2 * np.bincount(batch["target"], minlength=4))
   with pytest.raises(ValueError, match="written by the objective"):
     trainer.train_step(params, opt_state, shard_batch(batch, mesh), jax.random.key(0))
+
+
+_CONCURRENT_COLLECTIVES = r"""
+import os, sys
+from genrec_jax.training.sharding import use_cpu_devices
+use_cpu_devices(int(sys.argv[1]))
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from genrec_jax.training.sharding import make_mesh
+mesh = make_mesh()
+split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+@jax.jit
+def gather(x, s):  # an all-gather
+  y = jax.lax.with_sharding_constraint(x * s, whole)
+  return jax.lax.with_sharding_constraint(jnp.tanh(y @ y.T)[: x.shape[0]] @ x, split)
+
+@jax.jit
+def reduce(x, s):  # an all-reduce
+  return x * 0.5 + jnp.mean(jnp.tanh(x * s), axis=0, keepdims=True)
+
+chains = [jax.device_put(jnp.full((128, 128), (i + 1) / 10), split) for i in range(4)]
+for step in range(60):  # four independent chains, never waited on: programs overlap
+  chains = [(gather, reduce)[(step + i) % 2](x, 1.0 + i / 4) for i, x in enumerate(chains)]
+jax.block_until_ready(chains)
+print(jax.device_count(), os.environ.get("PJRT_NPROC", 0))
+"""
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_cpu_devices_survive_concurrent_collectives(devices):
+  """Independent multi-device programs in flight at once finish on CPU devices.
+
+  With XLA:CPU's default pool (one thread per core) this aborts on a 2-core machine after
+  40 s in XLA's rendezvous ("Termination timeout for all gather"), as a continual LC-Rec run
+  did (experiments/dact_lcrec_toys_cpu); `use_cpu_devices` sizes the pool so that it cannot.
+  (On a machine with at least 2 x `devices` cores the default pool already suffices.)"""
+  env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC", "XLA_FLAGS")}
+  env["JAX_PLATFORMS"] = "cpu"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _CONCURRENT_COLLECTIVES, str(devices)], env=env,
+                       cwd=root, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  count, threads = map(int, out.stdout.split())
+  assert count == devices and threads >= 2 * devices
