@@ -329,7 +329,7 @@ def test_cpu_devices_survive_concurrent_collectives(devices):
 
   With XLA:CPU's default pool (one thread per core) this aborts on a 2-core machine after
   40 s in XLA's rendezvous ("Termination timeout for all gather"), as a continual LC-Rec run
-  did (experiments/dact_lcrec_toys_cpu); `use_cpu_devices` sizes the pool so that it cannot.
+  did (experiments/dact_lcrec_toys_cpu); `use_cpu_devices` sizes the pool so that it finishes.
   (On a machine with at least 2 x `devices` cores the default pool already suffices.)"""
   env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC", "XLA_FLAGS")}
   env["JAX_PLATFORMS"] = "cpu"
