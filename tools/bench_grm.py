@@ -54,7 +54,7 @@ import jax  # noqa: E402
 
 from genrec_jax.recommenders.t5 import T5Config  # noqa: E402
 from genrec_jax.training.grm import GRMTrainConfig, GRMTrainer  # noqa: E402
-from genrec_jax.training.sharding import make_mesh  # noqa: E402
+from genrec_jax.training.sharding import make_mesh, usable_cores  # noqa: E402
 from tools.bench.flops import dot_peak_gflop_per_s, torch_gflop, weighted_gflop_per_unit  # noqa: E402,E501
 from tools.bench.harness import (Phase, PeakRSS, loadavg, log, real_rows,  # noqa: E402
                                  ru_maxrss_mib, run_phases)
@@ -122,8 +122,7 @@ def main(argv=None):
   if args.cpus:  # before the XLA backend starts (it sizes its thread pool from the affinity)
     os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
   if args.threads is None:
-    args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count())
+    args.threads = usable_cores()
   t_start = time.perf_counter()
   peak = PeakRSS()
   info = machine_info()

@@ -52,10 +52,10 @@ def use_cpu_devices(count: int) -> None:
   if "xla_cpu_multi_thread_eigen" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
   if "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
-    os.environ["PJRT_NPROC"] = str(max(2 * count, _usable_cores()))
+    os.environ["PJRT_NPROC"] = str(max(2 * count, usable_cores()))
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
   """The cores this process may run on (XLA's default size of its CPU thread pool)."""
   if hasattr(os, "sched_getaffinity"):
     return len(os.sched_getaffinity(0))
