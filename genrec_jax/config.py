@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
   #   for. No effect on GPU/TPU computations.
   c.compilation_cache_dir = os.path.expanduser("~/.cache/genrec_jax/xla")  # JAX persistent
   #   compilation cache: a rerun or resume skips recompiling every shape ("" = off).
+  c.checkpoint_minutes = 1.0  # Least time between two checkpoints of an epoch loop (0 =
+  #   after every epoch); its last epoch is always saved. An interrupted run resumes from its
+  #   last checkpoint and replays the epochs after it, to the same numbers. Every save writes
+  #   all parameter and optimizer arrays: per-epoch saves can cost more than short epochs.
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "toys"  # Dataset name reported in results.json.
@@ -374,6 +378,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{name}={_field(config, name)} is not divisible by cpu_devices="
                         f"{config.cpu_devices}, the devices its batches are split over; choose "
                         f"a multiple of it (or --config.cpu_devices=1)")
+  if not config.checkpoint_minutes >= 0:
+    raise ConfigError(f"checkpoint_minutes={config.checkpoint_minutes!r} must be >= 0 (0 = a "
+                      f"checkpoint after every epoch)")
   if not os.path.isfile(config.data.path):
     raise ConfigError(f"data.path={config.data.path!r}: file not found; point it at your "
                       f"interactions file")

@@ -102,10 +102,7 @@ class Recommender:
     step = store.latest_step()
     if step is None:
       raise FileNotFoundError(f"{directory} holds no recommender checkpoint: is the run finished?")
-    template = ranker.init_params
-    items, _ = store.restore(step, {"params": template,
-                                    "opt_state": ranker.trainer.init_opt_state(template),
-                                    "best_params": template})
+    items, _ = store.restore(step, {"best_params": ranker.init_params})
     store.close()
     return cls(config, table, item_ids, ranker, items["best_params"])
 

@@ -152,12 +152,20 @@ class JointInputs:
   selection: Any
 
 
+def epoch_loop(config: ml_collections.ConfigDict, epochs: int, eval_every: int, patience: int,
+               seed: int | None = None, **options) -> LoopConfig:
+  """An epoch loop seeded with `seed` (default the run's) that saves as often as
+  `checkpoint_minutes` asks; `options`: further `LoopConfig` fields."""
+  return LoopConfig(epochs=epochs, eval_every=eval_every, patience=patience,
+                    seed=config.seed if seed is None else seed,
+                    checkpoint_seconds=config.checkpoint_minutes * 60, **options)
+
+
 def selection_loop(config: ml_collections.ConfigDict, epochs: int, eval_every: int,
                    patience: int) -> LoopConfig:
   """An epoch loop that selects on the recommender's validation metric (`grm.select_metric`),
   seeded with the run's seed: the joint and second stages of ETEGRec and UniGRec."""
-  return LoopConfig(epochs=epochs, eval_every=eval_every, patience=patience,
-                    select_metric=config.grm.select_metric, seed=config.seed)
+  return epoch_loop(config, epochs, eval_every, patience, select_metric=config.grm.select_metric)
 
 
 def joint_inputs(config: ml_collections.ConfigDict, workdir: str) -> JointInputs:
@@ -226,8 +234,7 @@ def sasrec_trainer(config, num_items: int, mesh) -> SASRecTrainer:
   train_cfg = SASRecTrainConfig(
       loss=s.loss, learning_rate=s.learning_rate, batch_size=s.batch_size,
       length_buckets=buckets, steps_per_dispatch=s.steps_per_dispatch,
-      loop=LoopConfig(epochs=s.epochs, eval_every=s.eval_every, patience=s.patience,
-                      seed=config.seed))
+      loop=epoch_loop(config, s.epochs, s.eval_every, s.patience))
   return SASRecTrainer(model_cfg, train_cfg, mesh, seed=config.seed)
 
 
@@ -285,8 +292,7 @@ def grm_train_config(config) -> GRMTrainConfig:
       beam_size=g.beam_size, constrained=g.constrained,
       level_softmax=level_sizes if g.level_softmax else (),
       length_buckets=tuple(g.length_buckets),
-      loop=LoopConfig(epochs=g.epochs, eval_every=g.eval_every, patience=g.patience,
-                      select_metric=g.select_metric, seed=config.seed,
+      loop=epoch_loop(config, g.epochs, g.eval_every, g.patience, select_metric=g.select_metric,
                       max_train_seconds=g.max_train_minutes * 60 or None))
 
 
@@ -406,12 +412,14 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
 
   Checkpoints and stored results of a workdir belong to one config: a rerun with other
   settings would silently mix stale state into its results. Fields in `may_change` (dotted
-  paths, e.g. adding continual methods or periods) and the local cache directories may differ.
+  paths, e.g. adding continual methods or periods), the local cache directories and the
+  checkpoint period (which changes no number) may differ.
   Raises ValueError naming the differing fields.
   """
   def comparable(c):
     d = json.loads(json.dumps(c.to_dict(), default=_json_default))
-    for field in may_change + ("compilation_cache_dir", "embeddings.cache_dir"):
+    for field in may_change + ("compilation_cache_dir", "embeddings.cache_dir",
+                               "checkpoint_minutes"):
       *parents, leaf = field.split(".")
       node = d
       for name in parents:

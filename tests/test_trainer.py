@@ -251,6 +251,61 @@ def test_fit_refreshes_after_each_epoch_before_evaluation_and_records_the_stats(
   np.testing.assert_array_equal(_flat(trainer, params)["wb"], 0.0)  # and so do the results
 
 
+def test_fit_saves_by_time_resumes_from_its_last_save_and_ends_with_the_best_only(tmp_path):
+  """checkpoint_seconds spaces the saves: a crash between two saves resumes from the earlier
+  one and replays the epochs after it to the uninterrupted result. The last epoch's
+  checkpoint holds the best parameters alone, which a later call restores without training."""
+  from genrec_jax.training.checkpoint import Checkpoints
+  mesh = make_mesh()
+  trainer = Trainer(TwoParts(), squared_error, {"a": optax.adam(1e-2), "b": optax.adam(1e-2)},
+                    mesh)
+  batch, scores = shard_batch(_batch(), mesh), [1.0, 3.0, 5.0, 2.0, 4.0]  # best: epoch 2
+  trained, crash_at = [], []
+
+  def epoch_batches(epoch):
+    trained.append(epoch)
+    return [(batch, 8)]
+
+  def evaluate(params):
+    if trained[-1] in crash_at:
+      crash_at.clear()
+      raise KeyboardInterrupt("crash before the epoch's checkpoint")
+    return {"ndcg@10": scores[trained[-1]]}
+
+  def fit(directory, checkpoint_seconds, interrupt_after_epoch=None):
+    return trainer.fit(name="toy", epoch_batches=epoch_batches, evaluate=evaluate,
+                       loop_cfg=LoopConfig(epochs=5, checkpoint_seconds=checkpoint_seconds),
+                       checkpoint_dir=str(directory), context={"scale": jnp.float32(1.0)},
+                       interrupt_after_epoch=interrupt_after_epoch)
+
+  straight, state = fit(tmp_path / "straight", 0.0)
+  assert state["best_epoch"] == 2 and trained == [0, 1, 2, 3, 4]
+  saved = Checkpoints(str(tmp_path / "straight"), ("params", "opt_state", "best_params"))
+  assert saved.manager.all_steps() == [3, 4]  # max_to_keep
+  assert saved.stored_items(3) == ("params", "opt_state", "best_params")
+  assert saved.stored_items(4) == ("best_params",)
+  saved.close()
+
+  cut = tmp_path / "cut"
+  trained.clear()
+  with pytest.raises(KeyboardInterrupt):  # the hook saves epoch 1 whatever the period
+    fit(cut, 1e9, interrupt_after_epoch=1)
+  crash_at.append(3)
+  with pytest.raises(KeyboardInterrupt):  # no save at epochs 2-3 within the period
+    fit(cut, 1e9)
+  resumed, resumed_state = fit(cut, 1e9)
+  assert trained == [0, 1, 2, 3, 2, 3, 4]
+  assert [h["loss"] for h in resumed_state["history"]] == [h["loss"] for h in state["history"]]
+  assert resumed_state["best_epoch"] == 2
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  trained.clear()
+  again, _ = fit(cut, 1e9)  # finished: restored, nothing trained
+  assert trained == []
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_optimizer_warms_up_linearly_then_follows_a_cosine_to_zero():
   opt = make_optimizer(1.0, weight_decay=0.0, warmup_steps=2, grad_clip=0.0, decay_steps=4)
   params = jnp.zeros(3)

@@ -43,7 +43,7 @@ from genrec_jax.data.periods import (SECONDS_PER_DAY, Period, continual_split, p
 from genrec_jax.data.splits import subsample
 from genrec_jax.evaluation.metrics import metrics_from_ranks, target_ranks
 from genrec_jax.evaluation.report import write_report
-from genrec_jax.stages import (grm_trainer, item_features, load_dataset, rqvae_config,
+from genrec_jax.stages import (epoch_loop, grm_trainer, item_features, load_dataset, rqvae_config,
                                sasrec_trainer, start_run, tokenizer_train_config, write_json)
 from genrec_jax.tokenizers import reassign
 from genrec_jax.tokenizers.dact import CDIM, DACTConfig, finetune_tokenizer
@@ -52,7 +52,6 @@ from genrec_jax.tokenizers.quantizer import code_usage
 from genrec_jax.tokenizers.rqvae import RQVAE
 from genrec_jax.training.checkpoint import restore_or_run
 from genrec_jax.training.grm import GRMTrainer
-from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sharding import make_mesh
 from genrec_jax.training.tokenizer import encode_items, train_tokenizer
 
@@ -170,9 +169,8 @@ class ContinualRun:
         trainer = sasrec_trainer(self.config, self.cf_rows[t], self.mesh)
         if params is not None:
           params = trainer.grow_item_table(params)
-      loop_cfg = None if t == 0 else LoopConfig(
-          epochs=self.config.continual.cf_finetune_epochs, eval_every=1, patience=2,
-          seed=self.config.seed)
+      loop_cfg = None if t == 0 else epoch_loop(
+          self.config, self.config.continual.cf_finetune_epochs, eval_every=1, patience=2)
       if t > 0:
         params = trainer.reset_item_rows(params, period.new_items, self.config.seed + t)
       known = np.zeros(self.cf_rows[t], bool)
@@ -300,16 +298,14 @@ class ContinualRun:
     context = None
     if mode in ("finetune", "peso"):
       train = retrain_samples(self.periods, t) if cumulative else period.train
-      loop_cfg = LoopConfig(epochs=c.retrain_epochs if cumulative else c.finetune_epochs,
-                            eval_every=c.finetune_eval_every, patience=c.patience,
-                            seed=self.config.seed + t)
+      loop_cfg = epoch_loop(self.config, c.retrain_epochs if cumulative else c.finetune_epochs,
+                            c.finetune_eval_every, c.patience, seed=self.config.seed + t)
       if mode == "peso":
         context = self.recommender.proximal_context(params, c.peso.weight)
     elif mode == "retrain":
-      train, params, loop_cfg = retrain_samples(self.periods, t), None, LoopConfig(
-          epochs=c.retrain_epochs, eval_every=c.finetune_eval_every, patience=c.patience,
-          seed=self.config.seed + t,
-          max_train_seconds=c.retrain_max_minutes * 60 or None)
+      train, params, loop_cfg = retrain_samples(self.periods, t), None, epoch_loop(
+          self.config, c.retrain_epochs, c.finetune_eval_every, c.patience,
+          seed=self.config.seed + t, max_train_seconds=c.retrain_max_minutes * 60 or None)
     else:
       raise ValueError(f"unknown recommender rule {mode!r}")
     start = time.time()

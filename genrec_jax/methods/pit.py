@@ -665,8 +665,8 @@ def continual(run, base_params, base_table: IdentifierTable) -> dict:
     start = time.time()
     stage.active = np.isin(np.arange(run.num_items), period.catalog)
     params, extended = stage.extend(params)
-    loop_cfg = loop.LoopConfig(epochs=c.finetune_epochs, eval_every=c.finetune_eval_every,
-                               patience=c.patience, seed=config.seed + t)
+    loop_cfg = stages.epoch_loop(config, c.finetune_epochs, c.finetune_eval_every, c.patience,
+                                 seed=config.seed + t)
     params, state = stage.fit(params, period.train,
                               subsample(period.valid, config.grm.valid_users, config.seed),
                               loop_cfg, run.ckpt_dir("pit", f"period_{t}"))

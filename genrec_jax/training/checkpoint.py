@@ -48,17 +48,27 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, items: dict[str, Any], meta: dict) -> None:
-    args = {name: ocp.args.StandardSave(items[name]) for name in self.item_names}
+    """Saves `items` (some or all of `item_names`) and `meta` as checkpoint `step`."""
+    unknown = sorted(set(items) - set(self.item_names))
+    if unknown:
+      raise ValueError(f"{self.directory}: items {unknown} are not among {self.item_names}")
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args["meta"] = ocp.args.JsonSave(meta)
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
     self.manager.wait_until_finished()
 
-  def restore(self, step: int, targets: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-    """Restores `targets`' items (same structure, shapes, dtypes) at `step`, plus meta."""
+  def stored_items(self, step: int) -> tuple[str, ...]:
+    """The items of `item_names` that checkpoint `step` holds."""
     stored = self.manager.item_metadata(step)
-    for name in self.item_names:
+    return tuple(name for name in self.item_names if stored.get(name) is not None)
+
+  def restore(self, step: int, targets: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """Restores `targets`' items (some or all of `item_names`, each of the stored structure,
+    shapes and dtypes) at `step`, plus meta."""
+    stored = self.manager.item_metadata(step)
+    for name in targets:
       want = _tree_signature(jax.eval_shape(lambda t: t, targets[name]))
-      have_meta = stored[name]
+      have_meta = stored.get(name)
       if have_meta is None:
         raise CheckpointMismatchError(f"{self.directory} step {step} has no item {name!r}")
       have = {k: (tuple(v.shape), str(v.dtype)) for k, v in _stored_leaves(have_meta)}
@@ -70,11 +80,11 @@ class Checkpoints:
             f"checkpoint {self.directory} step {step} item {name!r} does not match the model: "
             f"missing {missing}, unexpected {extra}, shape/dtype differs for "
             f"{[(k, have[k], want[k]) for k in wrong]}")
-    args = {name: ocp.args.StandardRestore(jax.eval_shape(lambda t: t, targets[name]))
-            for name in self.item_names}
+    args = {name: ocp.args.StandardRestore(jax.eval_shape(lambda t: t, target))
+            for name, target in targets.items()}
     args["meta"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return {name: restored[name] for name in self.item_names}, restored["meta"]
+    return {name: restored[name] for name in targets}, restored["meta"]
 
   def close(self) -> None:
     self.manager.close()

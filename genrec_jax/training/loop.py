@@ -13,9 +13,13 @@ carries their `step_ids`), stops with an error when an epoch's loss or gradient
 norm is not finite, evaluates with `evaluate(params) -> metrics` every `eval_every` epochs,
 keeps the best parameters by `select_metric` (model selection on validation: the returned parameters are the
 best ones, not the last), stops after `patience` evaluations without improvement, and saves a
-checkpoint (params, optimizer state, best params, loop state) after every epoch. Started again
+checkpoint (params, optimizer state, best params, loop state) after an epoch once
+`checkpoint_seconds` have passed since its last save (0: after every epoch). Started again
 with the same checkpoint directory it resumes after the last saved epoch and, since batch order
-and dropout keys depend only on (seed, epoch, step), reaches the same result.
+and dropout keys depend only on (seed, epoch, step), reaches the same result. The last epoch's
+checkpoint holds the best parameters only: a finished fit needs nothing else, and a save
+writes every array (about 2 ms each through Orbax on CPU, so that a small model's per-epoch
+saves can cost more than its epochs).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class LoopConfig:
   select_metric: str = "ndcg@10"
   seed: int = 0
   max_train_seconds: float | None = None  # stop (gracefully) once the budget is spent
+  checkpoint_seconds: float = 0.0  # least time between saves (0: every epoch); the last
+  #   epoch is always saved
 
 
 def fit(*, name: str, params, opt_state, train_step: Callable,
@@ -67,7 +73,8 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
       before its evaluation and checkpoint: a refresh that a method schedules per epoch (ETEGRec
       recomputes its identifiers after a tokenizer epoch). The returned parameters are trained
       on, evaluated and saved; `stats` (JSON scalars) join the epoch's history record.
-    interrupt_after_epoch: testing hook simulating a crash after that epoch's checkpoint.
+    interrupt_after_epoch: testing hook simulating a crash after that epoch's checkpoint
+      (that epoch is saved whatever `cfg.checkpoint_seconds`).
     constant: keys of a dict of parameter groups that this fit never changes (a frozen
       backbone): left out of the checkpoints, and a resumed fit takes them from `params`. A
       frozen 1.5 B-parameter LLM would otherwise be written twice per stage.
@@ -83,22 +90,33 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
   def stored(tree):
     return {k: v for k, v in tree.items() if k not in constant} if constant else tree
 
+  def placed(tree, template):
+    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, template))
+
+  def with_constant(tree, copy: bool):
+    """`tree` with the constant groups of `params` (copies for best_params: params are
+    donated by every train step)."""
+    if not constant:
+      return tree
+    return {**{k: jax.tree.map(jnp.copy, params[k]) if copy else params[k] for k in constant},
+            **tree}
+
   best_params = None  # until the first evaluation
-  if ckpt.latest_step() is not None:
-    items, state = ckpt.restore(ckpt.latest_step(), {
-        "params": stored(params), "opt_state": opt_state, "best_params": stored(params)})
-    placement = {k: jax.tree.map(lambda x: x.sharding, template) for k, template in
-                 (("params", stored(params)), ("opt_state", opt_state),
-                  ("best_params", stored(params)))}
-    restored, opt_state, best = (jax.device_put(items[k], placement[k])
-                                 for k in ("params", "opt_state", "best_params"))
-    if constant:  # best_params gets copies: params are donated by every train step
-      restored = {**params, **restored}
-      best = {**{k: jax.tree.map(jnp.copy, params[k]) for k in constant}, **best}
-    params, best_params = restored, best
+  latest = ckpt.latest_step()
+  if latest is not None and "params" not in ckpt.stored_items(latest):  # a finished fit
+    items, state = ckpt.restore(latest, {"best_params": stored(params)})
+    ckpt.close()
+    logging.info("[%s] restored the finished fit from %s", name, checkpoint_dir)
+    return with_constant(placed(items["best_params"], stored(params)), copy=False), state
+  if latest is not None:
+    items, state = ckpt.restore(latest, {"params": stored(params), "opt_state": opt_state,
+                                         "best_params": stored(params)})
+    best_params = with_constant(placed(items["best_params"], stored(params)), copy=True)
+    opt_state = placed(items["opt_state"], opt_state)
+    params = with_constant(placed(items["params"], stored(params)), copy=False)
     logging.info("[%s] resumed from %s after epoch %d", name, checkpoint_dir, state["epoch"])
   base_key = jax.random.key(cfg.seed)
-  start = time.time()
+  start = last_save = time.time()
   for epoch in range(state["epoch"] + 1, cfg.epochs):
     if state["done"]:
       break
@@ -135,7 +153,7 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
       else:
         state["bad_evals"] += 1
         state["done"] = state["bad_evals"] >= cfg.patience
-    state["done"] = state["done"] or over_budget
+    state["done"] = state["done"] or over_budget or epoch == cfg.epochs - 1
     state["history"].append(record)
     state["epoch"] = epoch
     remaining = (cfg.epochs - epoch - 1) * seconds
@@ -143,14 +161,18 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
                  "ETA <= %.0fs", name, epoch + 1, cfg.epochs, loss, record["grad_norm"],
                  record["samples_per_s"], seconds,
                  _fmt(record.get("valid")), remaining)
-    ckpt.save(epoch, {"params": stored(params), "opt_state": opt_state,
-                      "best_params": stored(params if best_params is None else best_params)},
-              state)
+    if best_params is None and state["done"]:  # never evaluated: keep the last parameters
+      best_params = params
+    best = {"best_params": stored(params if best_params is None else best_params)}
+    if state["done"]:
+      ckpt.save(epoch, best, state)
+    elif (time.time() - last_save >= cfg.checkpoint_seconds
+          or epoch == interrupt_after_epoch):
+      ckpt.save(epoch, {"params": stored(params), "opt_state": opt_state, **best}, state)
+      last_save = time.time()
     if interrupt_after_epoch is not None and epoch == interrupt_after_epoch:
       ckpt.close()
       raise KeyboardInterrupt(f"simulated interruption after epoch {epoch}")
-  if best_params is None:  # never evaluated: keep the last parameters
-    best_params = params
   ckpt.close()
   logging.info("[%s] best %s %.4f at epoch %d (%.1fs)", name, cfg.select_metric,
                state["best_metric"], state["best_epoch"] + 1, time.time() - start)
