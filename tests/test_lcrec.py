@@ -1,5 +1,6 @@
 """LC-Rec recommender: prompts, response loss, ranking, frozen base (DACT's LC-Rec backbone)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -78,12 +79,16 @@ def _sequence_logp(model, prompt, continuation):
   return np.array([logp[len(prompt) - 1 + i, t] for i, t in enumerate(continuation)])
 
 
+# Compiled once per shape: run eagerly, every primitive would compile on its own.
+_loss = nnx.jit(functools.partial(lcrec.lcrec_loss, prompt=PROMPT))
+
+
 def test_loss_is_the_response_cross_entropy():
   model = _model()
   batch = {"history": jnp.array([[-1, 1, 3], [2, 4, 5], [0, -1, -1]]),
            "target": jnp.array([2, 0, -1]), "weight": jnp.array([1.0, 1.0, 0.0])}
   item_tokens = _item_tokens()
-  loss, aux = lcrec.lcrec_loss(model, batch, None, {"item_tokens": item_tokens}, prompt=PROMPT)
+  loss, aux = _loss(model, batch, None, {"item_tokens": item_tokens})
   shift = BACKBONE.vocab_size - 1
   expected = []
   for row in range(2):
@@ -98,7 +103,7 @@ def test_loss_is_the_response_cross_entropy():
   previous = jax.tree.map(lambda x: x * 0.5, nnx.state(model, lora.LoRAParam))
   context = {"item_tokens": item_tokens, "previous_adapters": previous,
              "proximal_weight": jnp.float32(2.0)}
-  peso, aux = lcrec.lcrec_loss(model, batch, None, context, prompt=PROMPT)
+  peso, aux = _loss(model, batch, None, context)
   penalty = lora.proximal_kl(nnx.state(model, lora.LoRAParam), previous)
   np.testing.assert_allclose(float(peso), float(loss) + 2.0 * float(penalty), rtol=1e-5)
   assert float(aux["proximal"]) > 0
@@ -114,10 +119,11 @@ def test_ranking_equals_brute_force_over_the_catalog(weights):
   history = jnp.array([[-1, 1, 3], [2, 4, 5]])
   item_tokens = _item_tokens()
   trie = jax.tree.map(jnp.asarray, search_trie(TABLE, trie_capacity(TABLE.level_sizes, 6)))
-  items, scores = lcrec.lcrec_rank(models, weights, history, item_tokens, trie, PROMPT,
-                                   offsets=tuple(int(o) for o in TABLE.offsets),
-                                   level_sizes=tuple(TABLE.level_sizes), beam_size=8,
-                                   constrained=True, level_softmax=False)
+  rank = nnx.jit(functools.partial(
+      lcrec.lcrec_rank, weights=weights, prompt=PROMPT,
+      offsets=tuple(int(o) for o in TABLE.offsets), level_sizes=tuple(TABLE.level_sizes),
+      beam_size=8, constrained=True, level_softmax=False))
+  items, scores = rank(models, history=history, item_tokens=item_tokens, trie=trie)
   shift = BACKBONE.vocab_size - 1
   for row in range(2):
     prompt = _unpadded_prompt(np.asarray(history[row]), np.asarray(item_tokens))
