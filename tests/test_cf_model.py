@@ -36,14 +36,15 @@ def test_unseen_items_are_no_negatives_and_get_no_gradient(loss_name):
   def loss(params):
     return sasrec_loss(trainer.trainer.merge(params), batch, jax.random.key(0),
                        {"known": known}, loss=loss_name)[0]
-  value, grads = jax.value_and_grad(loss)(trainer.init_params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(trainer.init_params)
   table_grad = np.asarray(grads[MODEL_GROUP]["item_embed"]["embedding"][...])[1:]  # [items, d]
   assert np.isfinite(float(value))
   np.testing.assert_array_equal(table_grad[~KNOWN], 0.0)
   assert np.abs(table_grad[KNOWN]).max() > 0
   if loss_name == "ce":  # against a NumPy softmax over the known items only
     model = trainer.trainer.merge(trainer.init_params)
-    logits = np.asarray(model.logits(model(batch["history"] + 1)), np.float64)[..., KNOWN]
+    logits = nnx.jit(lambda m, h: m.logits(m(h)))(model, batch["history"] + 1)
+    logits = np.asarray(logits, np.float64)[..., KNOWN]
     targets = np.asarray(batch["target"])
     log_z = np.log(np.exp(logits).sum(-1))
     picked = np.take_along_axis(logits, np.maximum(targets, 0)[..., None], -1)[..., 0]

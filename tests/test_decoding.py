@@ -1,5 +1,6 @@
 """Beam search against brute-force scoring of every identifier in the catalog."""
 
+import functools
 import itertools
 
 import jax
@@ -26,9 +27,12 @@ def _model(table, seed=0):
   return T5(cfg, rngs=nnx.Rngs(seed))
 
 
-def _brute_force_scores(model, inputs, table):
-  """log P(identifier | input) for every identifier by teacher forcing: [B, M]."""
-  targets = jnp.asarray(table.tokens())
+# The model functions under test are compiled as one program each: run eagerly, every
+# primitive of the model would compile on its own (a few seconds per new table shape).
+@nnx.jit
+def _teacher_forced_logp(model, inputs, targets):
+  """log P(identifier | input) for every identifier `targets` [M, L] by teacher forcing:
+  [B, M]."""
   b, m = inputs.shape[0], targets.shape[0]
   enc, mask = model.encode(inputs)
   enc = jnp.repeat(enc, m, axis=0)
@@ -39,10 +43,15 @@ def _brute_force_scores(model, inputs, table):
   return jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0].sum(-1).reshape(b, m)
 
 
-def _search(model, inputs, table, beam, constrained=True, cached=True, trie=None,
-            level_softmax=False):
-  """Beam search driven by the model's K/V cache, or (cached=False) by re-running the decoder
-  on the whole prefix, carried as the search state."""
+def _brute_force_scores(model, inputs, table):
+  """log P(identifier | input) for every identifier of `table`: [B, M]."""
+  return _teacher_forced_logp(model, inputs, jnp.asarray(table.tokens()))
+
+
+@functools.partial(nnx.jit, static_argnames=("offsets", "level_sizes", "beam", "constrained",
+                                             "cached", "level_softmax"))
+def _compiled_search(model, inputs, trie, *, offsets, level_sizes, beam, constrained, cached,
+                     level_softmax):
   enc, mask = model.encode(inputs)
   memory = model.decoder_memory(enc)
   b = inputs.shape[0]
@@ -57,10 +66,18 @@ def _search(model, inputs, table, beam, constrained=True, cached=True, trie=None
 
   step, state = ((cached_step, model.init_cache(b)) if cached else
                  (prefix_step, jnp.zeros((b, 0), jnp.int32)))
+  return beam_search(step, state, b, trie, offsets, level_sizes, beam,
+                     constrained=constrained, level_softmax=level_softmax)
+
+
+def _search(model, inputs, table, beam, constrained=True, cached=True, trie=None,
+            level_softmax=False):
+  """Beam search driven by the model's K/V cache, or (cached=False) by re-running the decoder
+  on the whole prefix, carried as the search state."""
   trie = jax.tree.map(jnp.asarray, trie or build_trie(table))
-  return jax.jit(lambda: beam_search(step, state, b, trie, tuple(table.offsets.tolist()),
-                                     table.level_sizes, beam, constrained=constrained,
-                                     level_softmax=level_softmax))()
+  return _compiled_search(model, inputs, trie, offsets=tuple(table.offsets.tolist()),
+                          level_sizes=tuple(table.level_sizes), beam=beam,
+                          constrained=constrained, cached=cached, level_softmax=level_softmax)
 
 
 def test_beam_as_large_as_catalog_equals_exhaustive_scoring():
@@ -242,11 +259,12 @@ def test_level_softmax_search_scores_each_position_over_its_own_tokens():
   beam = table.codes.shape[0]
   items, _, scores = _search(model, inputs, table, beam, level_softmax=True)
   targets = table.tokens()
-  enc, mask = model.encode(inputs)
+  teacher_forced = nnx.jit(lambda m, enc, mask, prefix: m.decode(enc, mask, prefix))
+  enc, mask = nnx.jit(lambda m, x: m.encode(x))(model, inputs)
   for b in range(2):
-    logits = np.asarray(model.decode(jnp.repeat(enc[b:b + 1], beam, 0),
-                                     jnp.repeat(mask[b:b + 1], beam, 0),
-                                     jnp.pad(jnp.asarray(targets[:, :-1]), ((0, 0), (1, 0)))))
+    logits = np.asarray(teacher_forced(model, jnp.repeat(enc[b:b + 1], beam, 0),
+                                       jnp.repeat(mask[b:b + 1], beam, 0),
+                                       jnp.pad(jnp.asarray(targets[:, :-1]), ((0, 0), (1, 0)))))
     expected = np.zeros(beam)
     for pos, (offset, size) in enumerate(zip(table.offsets, table.level_sizes)):
       block = logits[:, pos, offset:offset + size].astype(np.float64)

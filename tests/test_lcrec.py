@@ -21,6 +21,7 @@ from genrec_jax.training import lcrec
 from genrec_jax.training.grm import GRMTrainConfig
 from genrec_jax.training.loop import LoopConfig
 from genrec_jax.training.sharding import make_mesh
+from tests.conftest import TEST_XLA_FLAGS
 
 BACKBONE = Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2,
                        num_heads=4, num_kv_heads=2, rope_theta=10000.0, initializer_range=0.3)
@@ -261,7 +262,7 @@ print(json.dumps({"devices": jax.device_count(), "losses": losses,
 
 def _fsdp_run(devices, sharding):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the device count comes from cpu_devices alone
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", _FSDP, str(devices), sharding], env=env,
                        cwd=root, capture_output=True, text=True, timeout=600)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from genrec_jax import methods
-from tests.conftest import interrupt_then_resume, tiny_config
+from tests.conftest import TEST_XLA_FLAGS, interrupt_then_resume, tiny_config
 
 METRICS = {"recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"}
 
@@ -99,7 +99,7 @@ print(json.dumps({"devices": jax.device_count(),
 def _run_with_devices(tmp_path, n):
   """The tiny pipeline in a fresh process whose CPU is split into n devices (`cpu_devices`)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the device count comes from cpu_devices alone
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   os.makedirs(tmp_path / f"d{n}")
   out = subprocess.run([sys.executable, "-c", _MULTI_DEVICE, str(tmp_path / f"d{n}"), str(n)],
