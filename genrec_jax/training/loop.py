@@ -161,8 +161,6 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
                  "ETA <= %.0fs", name, epoch + 1, cfg.epochs, loss, record["grad_norm"],
                  record["samples_per_s"], seconds,
                  _fmt(record.get("valid")), remaining)
-    if best_params is None and state["done"]:  # never evaluated: keep the last parameters
-      best_params = params
     best = {"best_params": stored(params if best_params is None else best_params)}
     if state["done"]:
       ckpt.save(epoch, best, state)
@@ -173,6 +171,8 @@ def fit(*, name: str, params, opt_state, train_step: Callable,
     if interrupt_after_epoch is not None and epoch == interrupt_after_epoch:
       ckpt.close()
       raise KeyboardInterrupt(f"simulated interruption after epoch {epoch}")
+  if best_params is None:  # never evaluated (or no epoch left to run): the last parameters
+    best_params = params
   ckpt.close()
   logging.info("[%s] best %s %.4f at epoch %d (%.1fs)", name, cfg.select_metric,
                state["best_metric"], state["best_epoch"] + 1, time.time() - start)
